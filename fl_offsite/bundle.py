@@ -1,0 +1,200 @@
+"""The bundle: everything that leaves the model owner, and nothing more.
+
+A bundle directory holds
+
+- ``config.json``: the emulated model's config (``l + k + r`` blocks), buildable without the
+  original checkpoint;
+- ``emulator.safetensors`` and ``adapter.safetensors``: the kept middle blocks and the
+  initial adapter blocks, keyed ``"<original block index>.<parameter path in the block>"``;
+- ``shared.safetensors``: the frozen parts outside the blocks (embeddings, final norm, head);
+- the tokenizer or image processor, when the model has one;
+- ``offsite.json``: source model id, layer plan, and two hashes: ``bundle_hash`` (the frozen
+  content a data owner caches by) and ``source_hash`` (the shared parts, which the model owner
+  recomputes from the full model to check that an adapter belongs to it).
+
+Dropped blocks are never read into any of these files.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+
+from . import __version__
+from .architectures import Arch, resolve
+from .errors import UserError
+from .fileio import atomic_dir, load_tensors, save_tensors, tensors_hash
+from .models import AUTO_CLASSES
+from .plan import LayerPlan
+
+FORMAT_VERSION = 1
+META_FILE = "offsite.json"
+
+
+def split_state(model: torch.nn.Module, arch: Arch) -> tuple[dict, dict[int, dict]]:
+    """(shared tensors, {original block index: {param path in block: tensor}}).
+
+    Tied parameters (e.g. an LM head tied to the embeddings) appear once, under their first name.
+    """
+    shared: dict[str, torch.Tensor] = {}
+    blocks: dict[int, dict[str, torch.Tensor]] = {}
+    seen: set[int] = set()
+    prefix = arch.blocks_path + "."
+    for name, tensor in model.state_dict(keep_vars=False).items():
+        if tensor.data_ptr() in seen and tensor.numel() > 0:
+            continue
+        seen.add(tensor.data_ptr())
+        if name.startswith(prefix):
+            index, rest = name[len(prefix):].split(".", 1)
+            blocks.setdefault(int(index), {})[rest] = tensor
+        else:
+            shared[name] = tensor
+    return shared, blocks
+
+
+def keyed(blocks: dict[int, dict], indices) -> dict[str, torch.Tensor]:
+    """Flatten chosen blocks into ``"<index>.<path>"`` keys."""
+    return {f"{i}.{k}": v for i in indices for k, v in blocks[i].items()}
+
+
+def unkeyed(tensors: dict[str, torch.Tensor]) -> dict[int, dict[str, torch.Tensor]]:
+    out: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        index, rest = key.split(".", 1)
+        out.setdefault(int(index), {})[rest] = value
+    return out
+
+
+def emulated_config(config, plan: LayerPlan):
+    """Copy of ``config`` with only the planned blocks (per-layer lists sliced to match)."""
+    cfg = config.__class__.from_dict(config.to_dict())
+    for key, value in config.to_dict().items():
+        if isinstance(value, list) and len(value) == plan.depth:
+            setattr(cfg, key, [value[i] for i in plan.order])
+    cfg.num_hidden_layers = len(plan.order)
+    cfg.use_cache = False
+    return cfg
+
+
+@dataclass
+class BundleInfo:
+    path: Path
+    source_model: str
+    model_type: str
+    task: str
+    plan: LayerPlan
+    bundle_hash: str
+    source_hash: str
+
+    @property
+    def arch_task(self) -> str:
+        return self.task
+
+
+def read_info(bundle_dir: str | Path) -> BundleInfo:
+    bundle_dir = Path(bundle_dir)
+    meta_path = bundle_dir / META_FILE
+    if not meta_path.is_file():
+        raise UserError(f"--bundle: {bundle_dir} is not a bundle (no {META_FILE}); "
+                        "build one with `fl-offsite emulator --model ... --out DIR`")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != FORMAT_VERSION:
+        raise UserError(f"--bundle: {bundle_dir} has bundle format {meta.get('format')!r}, "
+                        f"this fl-offsite reads format {FORMAT_VERSION}; rebuild the bundle")
+    return BundleInfo(bundle_dir, meta["source_model"], meta["model_type"], meta["task"],
+                      LayerPlan.from_dict(meta["plan"]), meta["bundle_hash"], meta["source_hash"])
+
+
+def frozen_hash(config_json: str, plan: LayerPlan, emulator: dict, shared: dict) -> str:
+    """Hash of what a data owner caches: config, plan, emulator blocks and shared parts."""
+    return tensors_hash({**{"emulator." + k: v for k, v in emulator.items()},
+                         **{"shared." + k: v for k, v in shared.items()}},
+                        extra=config_json + json.dumps(plan.to_dict(), sort_keys=True))
+
+
+def write_bundle(model: torch.nn.Module, plan: LayerPlan, out_dir: str | Path,
+                 source_model: str, processor=None, emulator_blocks: dict | None = None,
+                 overwrite: bool = False) -> BundleInfo:
+    """Write the bundle of ``model`` for ``plan``.
+
+    ``emulator_blocks`` ({index: {path: tensor}}) replaces the kept middle blocks, e.g. with a
+    distilled emulator; by default they are copied from the model.
+    """
+    arch = resolve(model)
+    if plan.depth != len(arch.blocks(model)):
+        raise UserError(f"plan: made for {plan.depth} blocks but the model has "
+                        f"{len(arch.blocks(model))}")
+    shared, blocks = split_state(model, arch)
+    emulator = keyed(emulator_blocks or blocks, plan.emulator)
+    adapter = keyed(blocks, plan.adapter)
+    cfg = emulated_config(model.config, plan)
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        cfg.save_pretrained(tmp)
+        config_json = (tmp / "config.json").read_text()
+        save_tensors(tmp / "emulator.safetensors", emulator)
+        save_tensors(tmp / "adapter.safetensors", adapter)
+        save_tensors(tmp / "shared.safetensors", shared)
+        if processor is not None:
+            processor.save_pretrained(tmp)
+        meta = {
+            "format": FORMAT_VERSION,
+            "fl_offsite_version": __version__,
+            "source_model": source_model,
+            "model_type": arch.model_type,
+            "task": arch.task,
+            "plan": plan.to_dict(),
+            "notation": plan.notation(),
+            "bundle_hash": frozen_hash(config_json, plan, emulator, shared),
+            "source_hash": tensors_hash(shared),
+        }
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return read_info(out_dir)
+
+
+def build_emulated_model(config, plan: LayerPlan, shared: dict, emulator: dict, adapter: dict,
+                         task: str) -> torch.nn.Module:
+    """Assemble the emulated model from its parts, without ever materialising random weights."""
+    with init_empty_weights(include_buffers=False):
+        model = AUTO_CLASSES[task].from_config(config)
+    arch = resolve(model)
+    blocks = unkeyed({**emulator, **adapter})
+    state = dict(shared)
+    for position, index in enumerate(plan.order):
+        if index not in blocks:
+            raise UserError(f"bundle: block {index} is missing from the emulator/adapter files")
+        for path, tensor in blocks[index].items():
+            state[f"{arch.blocks_path}.{position}.{path}"] = tensor
+    result = model.load_state_dict(state, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise UserError(f"bundle: tensors {result.unexpected_keys[:3]} do not fit a "
+                        f"{config.model_type} model; the bundle is corrupted or foreign")
+    model.tie_weights()
+    still_empty = [n for n, p in model.named_parameters() if p.is_meta]
+    if still_empty:
+        raise UserError(f"bundle: no weights for {still_empty[:3]}; the bundle is incomplete")
+    model.config.use_cache = False
+    return model.eval()
+
+
+def load_bundle(bundle_dir: str | Path, verify: bool = True) -> tuple[torch.nn.Module, BundleInfo]:
+    """The data owner's runnable emulated model (adapter = the bundle's initial adapter)."""
+    from transformers import AutoConfig
+
+    info = read_info(bundle_dir)
+    path = info.path
+    config = AutoConfig.from_pretrained(path)
+    emulator = load_tensors(path / "emulator.safetensors")
+    shared = load_tensors(path / "shared.safetensors")
+    adapter = load_tensors(path / "adapter.safetensors")
+    if verify:
+        actual = frozen_hash((path / "config.json").read_text(), info.plan, emulator, shared)
+        if actual != info.bundle_hash:
+            raise UserError(f"--bundle: {path} content hash {actual[:12]} does not match its "
+                            f"metadata ({info.bundle_hash[:12]}); the bundle was modified or "
+                            "corrupted, fetch it again from the model owner")
+    model = build_emulated_model(config, info.plan, shared, emulator, adapter, info.task)
+    return model, info

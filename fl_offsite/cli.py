@@ -1,0 +1,221 @@
+"""``fl-offsite``: the command line. Each command parses arguments and calls the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+
+def _existing(path: str, flag: str) -> str:
+    if not Path(path).exists():
+        raise UserError(f"{flag}: {path} does not exist")
+    return path
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _train_config(args):
+    from .train import TrainConfig
+
+    return TrainConfig(lr=args.lr, epochs=args.epochs, max_steps=args.max_steps,
+                       batch_size=args.batch_size, grad_accum=args.grad_accum, seed=args.seed,
+                       mixed_precision=args.mixed_precision)
+
+
+def cmd_emulator(args) -> None:
+    from .owner import build_bundle
+
+    info = build_bundle(args.model, args.out, args.adapter_bottom, args.adapter_top,
+                        args.emulator_layers, args.drop_ratio, args.dtype, args.overwrite)
+    plan = info.plan
+    print(f"bundle {args.out}: {plan.notation()} of {plan.depth} blocks; adapter {list(plan.adapter)}, "
+          f"emulator {list(plan.emulator)}, dropped {list(plan.dropped)}; "
+          f"hash {info.bundle_hash[:12]}")
+
+
+def cmd_train(args) -> None:
+    from . import data
+    from .models import load_model, load_processor
+    from .train import train
+
+    cfg = _train_config(args)
+    if args.tuning == "full":
+        if not args.model:
+            raise UserError("--tuning full: needs --model (full fine-tuning is the baseline "
+                            "on the full model)")
+        from .owner import save_model
+
+        model = load_model(args.model, args.dtype)
+        processor = load_processor(args.model)
+        task = data.prepare(args.data, "train", processor, args.block_size, args.max_examples)
+        model.requires_grad_(True)
+        stats = train(model, task.train_items, cfg, getattr(processor, "pad_token_id", 0) or 0)
+        save_model(model, processor, args.out, args.overwrite)
+    else:
+        if not args.bundle:
+            raise UserError(f"--tuning {args.tuning}: needs --bundle BUNDLE_DIR (the data owner "
+                            "trains on the emulator)")
+        from .emulator import EmulatedModel
+
+        emulated = EmulatedModel(_existing(args.bundle, "--bundle"))
+        processor = load_processor(args.bundle)
+        task = data.prepare(args.data, "train", processor, args.block_size, args.max_examples)
+        lora = None
+        if args.tuning == "lora":
+            from .adapter import lora_config
+            lora = lora_config(emulated.arch, args.lora_r, args.lora_alpha, args.lora_dropout)
+        emulated.prepare(args.tuning, lora, args.seed)
+        if args.out.exists() and not args.overwrite:
+            raise UserError(f"--out: {args.out} exists; choose a new path or pass --overwrite")
+        stats = train(emulated.model, task.train_items, cfg,
+                      getattr(processor, "pad_token_id", 0) or 0)
+        emulated.adapter().save(args.out)
+    print(json.dumps({"out": str(args.out), **stats}))
+
+
+def cmd_plug(args) -> None:
+    from .emulator import load_adapter
+    from .models import load_processor
+    from .owner import plugged_model, save_model
+
+    adapter = load_adapter(_existing(args.adapter, "--adapter"))
+    model = plugged_model(args.model, adapter, args.dtype)
+    save_model(model, load_processor(args.model), args.out, args.overwrite)
+    print(f"plugged {adapter.kind} adapter (blocks {list(adapter.indices)}) into {args.model} "
+          f"-> {args.out}")
+
+
+def cmd_evaluate(args) -> None:
+    from . import data
+    from .evaluate import evaluate
+    from .fileio import atomic_write_json
+    from .models import load_model, load_processor
+
+    if bool(args.model) == bool(args.bundle):
+        raise UserError("evaluate: give exactly one of --model or --bundle")
+    adapter = None
+    if args.adapter:
+        from .emulator import load_adapter
+        adapter = load_adapter(_existing(args.adapter, "--adapter"))
+    if args.bundle:
+        from .emulator import EmulatedModel
+
+        emulated = EmulatedModel(_existing(args.bundle, "--bundle"))
+        model, processor = emulated.model, load_processor(args.bundle)
+        if adapter is not None:
+            emulated.prepare(adapter.kind, adapter.lora or None)
+            emulated.set_adapter(adapter)
+    else:
+        from .owner import plugged_model
+        processor = load_processor(args.model)
+        model = plugged_model(args.model, adapter, args.dtype) if adapter else \
+            load_model(args.model, args.dtype)
+    task = data.prepare(args.data, args.split, processor, args.block_size, args.max_examples)
+    metrics = evaluate(model, task, processor)
+    record = {"model": args.model or args.bundle, "adapter": args.adapter, "data": args.data,
+              "split": args.split, "task": task.kind, "examples": len(task), **metrics}
+    atomic_write_json(args.out, record)
+    print(json.dumps(record))
+
+
+def _add_training_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--tuning", choices=["blocks", "lora", "bitfit", "full"], default="blocks",
+                   help="what to train: adapter blocks (default), LoRA or BitFit inside them, "
+                        "or the whole model (baseline; needs --model)")
+    g.add_argument("--lr", type=float, default=3e-4)
+    g.add_argument("--epochs", type=float, default=1.0)
+    g.add_argument("--max-steps", type=_positive_int, default=None,
+                   help="optimizer steps (overrides --epochs)")
+    g.add_argument("--batch-size", type=_positive_int, default=8)
+    g.add_argument("--grad-accum", type=_positive_int, default=1)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
+    g.add_argument("--lora-r", type=_positive_int, default=8)
+    g.add_argument("--lora-alpha", type=_positive_int, default=16)
+    g.add_argument("--lora-dropout", type=float, default=0.0)
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True,
+                   help="local file or directory (train/validation/test .jsonl, .csv, .parquet, "
+                        ".txt) or a hub dataset name[:config]")
+    p.add_argument("--block-size", type=_positive_int, default=128,
+                   help="tokens per language-modelling block / max sequence length")
+    p.add_argument("--max-examples", type=_positive_int, default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fl-offsite", description="Federated Offsite-Tuning")
+    sub = parser.add_subparsers(dest="command", required=True)
+    dtype = dict(choices=["float32", "float16", "bfloat16"], default="float32")
+
+    p = sub.add_parser("emulator", help="model owner: split a model into adapter + emulator bundle")
+    p.add_argument("--model", required=True, help="hub name, local path or fl-offsite/<zoo model>")
+    p.add_argument("--out", required=True, type=Path, help="bundle directory to create")
+    p.add_argument("--adapter-bottom", type=int, default=2, help="l: bottom blocks in the adapter")
+    p.add_argument("--adapter-top", type=int, default=2, help="r: top blocks in the adapter")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--emulator-layers", type=int, help="k: middle blocks kept (uniform drop)")
+    g.add_argument("--drop-ratio", type=float, help="fraction of middle blocks dropped")
+    p.add_argument("--dtype", **dtype)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_emulator)
+
+    p = sub.add_parser("train", help="data owner: fine-tune the adapter on the emulator")
+    p.add_argument("--bundle", help="bundle directory from `fl-offsite emulator`")
+    p.add_argument("--model", help="full model (only with --tuning full)")
+    _add_data_args(p)
+    p.add_argument("--out", required=True, type=Path,
+                   help="adapter .safetensors file (model directory with --tuning full)")
+    p.add_argument("--dtype", **dtype)
+    p.add_argument("--overwrite", action="store_true")
+    _add_training_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("plug", help="model owner: plug an adapter into the full model")
+    p.add_argument("--model", required=True)
+    p.add_argument("--adapter", required=True, help="adapter file or bundle directory")
+    p.add_argument("--out", required=True, type=Path, help="model directory to write")
+    p.add_argument("--dtype", **dtype)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_plug)
+
+    p = sub.add_parser("evaluate", help="metrics of a full, emulated or plugged-in model")
+    p.add_argument("--model", help="full model (with --adapter: plugged in)")
+    p.add_argument("--bundle", help="emulated model (with --adapter: the adapter on the emulator)")
+    p.add_argument("--adapter", help="adapter file or bundle directory")
+    _add_data_args(p)
+    p.add_argument("--split", default="test")
+    p.add_argument("--out", type=Path, default=Path("metrics.json"), help="metrics JSON file")
+    p.add_argument("--dtype", **dtype)
+    p.set_defaults(func=cmd_evaluate)
+
+    from .federation.cli import add_commands
+    add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

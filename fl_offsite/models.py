@@ -1,0 +1,74 @@
+"""Loading models and their tokenizer / image processor, by hub name, local path or zoo name.
+
+Zoo names (``fl-offsite/<name>``) resolve to models shipped inside this package, so the demo
+and the tests run with no hub access. Everything else goes to ``from_pretrained`` as is.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from transformers import (AutoConfig, AutoImageProcessor, AutoModelForCausalLM,
+                          AutoModelForImageClassification, AutoTokenizer)
+
+from .architectures import FAMILIES
+from .errors import UserError
+
+ZOO_DIR = Path(__file__).parent / "zoo"
+ZOO_PREFIX = "fl-offsite/"
+
+AUTO_CLASSES = {
+    "causal-lm": AutoModelForCausalLM,
+    "image-classification": AutoModelForImageClassification,
+}
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Zoo name -> packaged directory; existing path -> itself; anything else -> hub id."""
+    if name_or_path.startswith(ZOO_PREFIX):
+        local = ZOO_DIR / name_or_path[len(ZOO_PREFIX):]
+        if local.is_dir():
+            return str(local)
+        shipped = ", ".join(sorted(ZOO_PREFIX + p.name for p in ZOO_DIR.iterdir() if p.is_dir()))
+        raise UserError(f"--model: no zoo model {name_or_path!r}; shipped: {shipped}")
+    return name_or_path
+
+
+def task_of_config(config) -> str:
+    family = FAMILIES.get(config.model_type)
+    return family.task if family else "causal-lm"
+
+
+def load_config(name_or_path: str):
+    path = resolve_model_path(name_or_path)
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        hint = "check the path" if os.path.sep in path or Path(path).exists() else \
+            "check the name, or pass a local directory (no hub access?)"
+        raise UserError(f"--model: cannot load {name_or_path!r} ({str(exc).splitlines()[0]}); "
+                        f"{hint}") from None
+
+
+def load_model(name_or_path: str, dtype: str = "float32"):
+    """The full model, in eval mode, with caching off (blocks may be dropped later)."""
+    config = load_config(name_or_path)
+    auto = AUTO_CLASSES[task_of_config(config)]
+    model = auto.from_pretrained(resolve_model_path(name_or_path), dtype=DTYPES[dtype])
+    model.config.use_cache = False
+    return model.eval()
+
+
+def load_processor(name_or_path: str):
+    """Tokenizer (text models) or image processor (vision models); None if there is none."""
+    path = resolve_model_path(name_or_path)
+    task = task_of_config(load_config(name_or_path))
+    loader = AutoImageProcessor if task == "image-classification" else AutoTokenizer
+    try:
+        return loader.from_pretrained(path)
+    except (OSError, ValueError, TypeError):
+        return None

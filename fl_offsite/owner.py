@@ -1,0 +1,39 @@
+"""The model owner's side: make a bundle from the full model, plug adapters back in."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import adapter as adapters
+from .adapter import Adapter
+from .architectures import resolve
+from .bundle import BundleInfo, write_bundle
+from .fileio import atomic_dir
+from .models import load_model, load_processor
+from .plan import make_plan
+
+
+def build_bundle(model_name: str, out_dir: str | Path, adapter_bottom: int = 2,
+                 adapter_top: int = 2, emulator_layers: int | None = None,
+                 drop_ratio: float | None = None, dtype: str = "float32",
+                 overwrite: bool = False) -> BundleInfo:
+    model = load_model(model_name, dtype)
+    arch = resolve(model)
+    plan = make_plan(len(arch.blocks(model)), adapter_bottom, adapter_top, emulator_layers,
+                     drop_ratio)
+    return write_bundle(model, plan, out_dir, model_name, load_processor(model_name),
+                        overwrite=overwrite)
+
+
+def plugged_model(model_name: str, adapter: Adapter, dtype: str = "float32"):
+    """The full model with ``adapter`` plugged in (LoRA merged)."""
+    model = load_model(model_name, dtype)
+    return adapters.plug(model, resolve(model), adapter)
+
+
+def save_model(model, processor, out_dir: str | Path, overwrite: bool = False) -> None:
+    """A directory ``from_pretrained`` loads as is (written atomically)."""
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp)
+        if processor is not None:
+            processor.save_pretrained(tmp)

@@ -1,0 +1,79 @@
+"""Tiny randomly initialised models of every supported family, built from configs (no hub)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import transformers as T
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(1)
+
+VOCAB = 97
+SMALL = dict(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=8, intermediate_size=32,
+             num_attention_heads=2)
+
+CONFIGS = {
+    "opt": lambda: T.OPTConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=8, ffn_dim=32,
+                               num_attention_heads=2, max_position_embeddings=64,
+                               word_embed_proj_dim=16, pad_token_id=1, bos_token_id=2,
+                               eos_token_id=2),
+    "gpt2": lambda: T.GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=8, n_head=2, n_positions=64,
+                                 bos_token_id=0, eos_token_id=0),
+    "bloom": lambda: T.BloomConfig(vocab_size=VOCAB, hidden_size=16, n_layer=8, n_head=2),
+    "llama": lambda: T.LlamaConfig(num_key_value_heads=1, **SMALL),
+    "mistral": lambda: T.MistralConfig(num_key_value_heads=1, **SMALL),
+    "qwen2": lambda: T.Qwen2Config(num_key_value_heads=1, **SMALL),
+    "gpt_neox": lambda: T.GPTNeoXConfig(**SMALL),
+    "vit": lambda: T.ViTConfig(hidden_size=16, num_hidden_layers=8, intermediate_size=32,
+                               num_attention_heads=2, image_size=16, patch_size=4, num_labels=3),
+}
+FAMILIES = list(CONFIGS)
+
+
+def tiny_model(family: str, seed: int = 0):
+    torch.manual_seed(seed)
+    config = CONFIGS[family]()
+    auto = T.AutoModelForImageClassification if family == "vit" else T.AutoModelForCausalLM
+    model = auto.from_config(config).eval()
+    model.config.use_cache = False
+    with torch.no_grad():  # every tensor distinct (default init makes biases all zero)
+        for param in model.parameters():
+            param.copy_(torch.randn_like(param) * 0.2 + (1.0 if param.dim() == 1 else 0.0))
+    return model
+
+
+def model_inputs(model, seed: int = 1) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    if model.config.model_type == "vit":
+        return {"pixel_values": torch.randn(2, 3, 16, 16, generator=g)}
+    return {"input_ids": torch.randint(3, VOCAB, (2, 12), generator=g)}
+
+
+def training_items(model, n: int = 8) -> list[dict]:
+    g = torch.Generator().manual_seed(2)
+    if model.config.model_type == "vit":
+        return [{"pixel_values": torch.randn(3, 16, 16, generator=g),
+                 "labels": torch.tensor(i % 3)} for i in range(n)]
+    return [{"input_ids": (ids := torch.randint(3, VOCAB, (12,), generator=g)), "labels": ids}
+            for _ in range(n)]
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request):
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def tiny_opt_path():
+    from fl_offsite.models import resolve_model_path
+    return resolve_model_path("fl-offsite/tiny-opt")
+
+
+@pytest.fixture(scope="session")
+def pydoc_data():
+    from pathlib import Path
+    import fl_offsite
+    return str(Path(fl_offsite.__file__).parent / "datasets" / "pydoc")
