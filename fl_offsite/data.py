@@ -36,10 +36,22 @@ def _local_file(path: Path, split: str) -> Path | None:
     return None
 
 
+PACKAGED_DIR = Path(__file__).parent / "datasets"
+PACKAGED_PREFIX = "fl-offsite/"
+
+
+def resolve_data_path(spec: str) -> str:
+    """``fl-offsite/<name>`` -> the task shipped in this package; anything else unchanged."""
+    if spec.startswith(PACKAGED_PREFIX) and (PACKAGED_DIR / spec[len(PACKAGED_PREFIX):]).is_dir():
+        return str(PACKAGED_DIR / spec[len(PACKAGED_PREFIX):])
+    return spec
+
+
 def load_split(spec: str, split: str):
     """One split of a dataset as a ``datasets.Dataset``."""
     import datasets
 
+    spec = resolve_data_path(spec)
     path = Path(spec)
     if path.exists():
         file = _local_file(path, split)

@@ -18,6 +18,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 
+def _default_mode(directory: bool = False) -> int:
+    """Permissions a plain open()/mkdir() would give (mkstemp/mkdtemp use 0600/0700)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | os.PathLike, overwrite: bool = False):
     """Yield a temporary directory that becomes ``target`` only if the block succeeds."""
@@ -28,9 +35,7 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = False):
                         "choose a new path or remove it")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)
+    tmp.chmod(_default_mode(directory=True))
     try:
         yield tmp
     except BaseException:
@@ -50,6 +55,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _default_mode())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -70,6 +76,7 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
                   metadata=metadata)
+        os.chmod(tmp, _default_mode())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

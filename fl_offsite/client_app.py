@@ -1,0 +1,19 @@
+"""Flower ClientApp: a data owner. Thin: the work is in ``fl_offsite.federation.client``."""
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from .federation import client
+from .federation.protocol import BUNDLE_ACTION
+
+app = ClientApp()
+
+
+@app.query(BUNDLE_ACTION)
+def receive_bundle(msg: Message, context: Context) -> Message:
+    return client.receive_bundle(msg, context)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    return client.train_adapter(msg, context)

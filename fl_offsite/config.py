@@ -1,0 +1,178 @@
+"""Run configuration: YAML file + ``--set key=value`` overrides, validated by pydantic.
+
+Unknown keys and wrong types are refused with one line naming the dotted key and the fix.
+The same dotted keys are Flower's run-config keys (``flwr run . --run-config 'rounds=2'``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import UserError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SplitConfig(_Section):
+    adapter_bottom: int = Field(2, ge=0)
+    adapter_top: int = Field(2, ge=0)
+    emulator_layers: int | None = Field(None, ge=1)
+    drop_ratio: float | None = Field(None, ge=0.0, lt=1.0)
+
+
+class DataConfig(_Section):
+    path: str = Field(description="local file/dir, packaged fl-offsite/<name>, or hub name")
+    block_size: int = Field(128, ge=8)
+    eval_split: str = "test"
+    max_eval_examples: int | None = Field(None, ge=1)
+    max_train_examples: int | None = Field(None, ge=1)
+
+
+class PartitionConfig(_Section):
+    name: Literal["iid", "dirichlet", "shard"] = "iid"
+    by: str = Field("label", description="column the non-IID partitioners group by")
+    alpha: float = Field(0.5, gt=0.0)
+    shards_per_client: int = Field(2, ge=1)
+    seed: int = 0
+
+
+class TuningConfig(_Section):
+    kind: Literal["blocks", "lora", "bitfit"] = "blocks"
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: int = Field(16, ge=1)
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class TrainConfig(_Section):
+    lr: float = Field(3e-4, gt=0.0)
+    local_epochs: float = Field(1.0, gt=0.0)
+    local_steps: int | None = Field(None, ge=1)
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float = Field(1.0, ge=0.0)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+
+
+class StrategyConfig(_Section):
+    name: str = "fedavg"
+    proximal_mu: float = Field(0.01, ge=0.0, description="fedprox")
+    server_lr: float = Field(1.0, gt=0.0, description="fedavgm / fedadam / fedyogi / fedadagrad (eta)")
+    server_momentum: float = Field(0.9, ge=0.0, lt=1.0, description="fedavgm")
+    eta_l: float = Field(0.0316, gt=0.0, description="fedadam / fedyogi / fedadagrad")
+    beta_1: float = Field(0.9, ge=0.0, lt=1.0)
+    beta_2: float = Field(0.99, ge=0.0, lt=1.0)
+    tau: float = Field(1e-3, gt=0.0)
+    trim_beta: float = Field(0.2, gt=0.0, lt=0.5, description="trimmed_mean")
+    num_malicious: int = Field(0, ge=0, description="krum")
+    krum_keep: int = Field(1, ge=1, description="krum: 1 = Krum, >1 = multi-Krum")
+
+
+class ResourcesConfig(_Section):
+    num_cpus: float = Field(1.0, gt=0.0)
+    num_gpus: float = Field(0.0, ge=0.0)
+
+
+class Config(_Section):
+    name: str = "run"
+    model: str
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    seed: int = 0
+    num_clients: int = Field(8, ge=1)
+    clients_per_round: int = Field(4, ge=1)
+    rounds: int = Field(3, ge=1)
+    min_clients: int = Field(1, ge=1, description="valid uploads needed to update the adapter")
+    round_timeout: float = Field(600.0, gt=0.0)
+    bundle: str | None = Field(None, description="reuse this bundle instead of building one")
+    bundle_transport: Literal["shared-path", "message"] = "shared-path"
+    keep_checkpoints: int = Field(2, ge=1)
+    evaluate_emulator: bool = True
+    ray_address: str | None = Field(None, description="attach to a running Ray cluster")
+    split: SplitConfig = SplitConfig()
+    data: DataConfig
+    partition: PartitionConfig = PartitionConfig()
+    tuning: TuningConfig = TuningConfig()
+    train: TrainConfig = TrainConfig()
+    strategy: StrategyConfig = StrategyConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.clients_per_round > self.num_clients:
+            raise ValueError(f"clients_per_round ({self.clients_per_round}) exceeds num_clients "
+                             f"({self.num_clients}); lower it or add clients")
+        if self.min_clients > self.clients_per_round:
+            raise ValueError(f"min_clients ({self.min_clients}) exceeds clients_per_round "
+                             f"({self.clients_per_round})")
+        return self
+
+
+def set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise UserError(f"--set {dotted}: {key} is not a section")
+        node = child
+    node[leaf] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise UserError(f"--set {text!r}: use key=value, e.g. --set rounds=2")
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+
+
+def _first_error(exc: ValidationError, source: str) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "config"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key (check the spelling against configs/demo.yaml)"
+    elif err["type"] == "missing":
+        msg = "required key is missing"
+    got = f" (got {err['input']!r})" if err["type"] not in {"extra_forbidden", "missing"} and \
+        not isinstance(err.get("input"), dict) else ""
+    return f"{source}: {where}: {msg}{got}"
+
+
+def build(tree: dict, source: str) -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        raise UserError(_first_error(exc, source)) from None
+
+
+def load(path: str | Path | None, overrides: list[str] | dict | None = None) -> Config:
+    """Config from a YAML file (or none) with dotted overrides applied on top."""
+    tree: dict = {}
+    source = "config"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"--config: {path} does not exist")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise UserError(f"--config: {path} is not valid YAML "
+                            f"({str(exc).splitlines()[0]})") from None
+        if not isinstance(tree, dict):
+            raise UserError(f"--config: {path} must hold a mapping of keys")
+        source = str(path)
+    items = overrides.items() if isinstance(overrides, dict) else \
+        (parse_override(o) for o in overrides or [])
+    for key, value in items:
+        set_dotted(tree, key, value)
+    return build(tree, source)
+
+
+def dump(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

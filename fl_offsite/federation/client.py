@@ -1,0 +1,122 @@
+"""The data owner: receive the bundle once, then train the adapter on its own data each round.
+
+State that must outlive one message lives in this process, keyed by content:
+
+- ``_EMULATED``: emulated models by bundle hash (built once per process, reused every round,
+  whichever virtual node the process is serving);
+- ``_DATA``: prepared training items by (data, partition) key.
+
+``context.state`` holds only the bundle hash and its directory (a few bytes), so a node that
+lands in a fresh process finds its bundle on disk without asking the model owner again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from ..emulator import EmulatedModel
+from ..errors import UserError
+from ..models import load_processor
+from ..train import TrainConfig, train
+from . import protocol
+
+_EMULATED: dict[tuple, EmulatedModel] = {}
+_PROCESSORS: dict[str, object] = {}
+_DATA: dict[tuple, list] = {}
+
+
+def cache_root(context: Context) -> Path:
+    """Where this node keeps bundles: node config ``cache-dir``, $FL_OFFSITE_CACHE, or ~/.cache."""
+    configured = context.node_config.get("cache-dir") or os.environ.get("FL_OFFSITE_CACHE")
+    return Path(configured or Path.home() / ".cache" / "fl-offsite") / "bundles"
+
+
+def receive_bundle(msg: Message, context: Context) -> Message:
+    meta = msg.content["bundle"]
+    bundle_hash = str(meta["hash"])
+    if "path" in meta:
+        bundle_dir = Path(str(meta["path"]))
+    else:
+        bundle_dir = cache_root(context) / bundle_hash
+        protocol.write_bundle_content(msg.content, bundle_dir)
+    emulated_model(bundle_hash, bundle_dir)  # load and verify now: a bad bundle fails here
+    context.state["bundle"] = ConfigRecord({"hash": bundle_hash, "path": str(bundle_dir)})
+    return Message(RecordDict({"bundle": ConfigRecord({"hash": bundle_hash})}), reply_to=msg)
+
+
+def emulated_model(bundle_hash: str, bundle_dir: Path) -> EmulatedModel:
+    key = (bundle_hash,)
+    if key not in _EMULATED:
+        emulated = EmulatedModel(bundle_dir)  # verifies the content hash
+        if emulated.info.bundle_hash != bundle_hash:
+            raise UserError(f"bundle: {bundle_dir} has hash {emulated.info.bundle_hash[:12]}, "
+                            f"the model owner announced {bundle_hash[:12]}; refusing it")
+        _EMULATED[key] = emulated
+        _PROCESSORS[bundle_hash] = load_processor(str(bundle_dir))
+    return _EMULATED[key]
+
+
+def _cached_bundle(bundle_hash: str, context: Context) -> EmulatedModel:
+    if (bundle_hash,) in _EMULATED:
+        return _EMULATED[(bundle_hash,)]
+    known = context.state.get("bundle")
+    if known is None or known["hash"] != bundle_hash or not Path(str(known["path"])).is_dir():
+        raise RuntimeError(f"{protocol.MISSING_BUNDLE} {bundle_hash[:12]}")
+    return emulated_model(bundle_hash, Path(str(known["path"])))
+
+
+def _training_items(task: dict, context: Context, processor) -> list:
+    """This node's examples: its own ``data-path`` (deployment) or its simulated partition."""
+    from .. import data
+    from .partition import partition
+
+    own = context.node_config.get("data-path")
+    part = task["partition"]
+    if own:
+        key = (str(own), task["block_size"])
+    else:
+        pid = int(context.node_config["partition-id"])
+        num = int(context.node_config["num-partitions"])
+        key = (task["data"], task["block_size"], json.dumps(part, sort_keys=True), num, pid)
+    if key not in _DATA:
+        ds = data.load_split(str(own or task["data"]), "train")
+        if not own:
+            ds = partition(ds, num, pid, part["name"], part["by"], part["alpha"],
+                           part["shards_per_client"], part["seed"])
+        if task.get("max_train_examples"):
+            ds = ds.select(range(min(len(ds), task["max_train_examples"])))
+        _DATA[key] = data.prepare_dataset(ds, processor, task["block_size"]).train_items
+    return _DATA[key]
+
+
+def train_adapter(msg: Message, context: Context) -> Message:
+    start = time.time()
+    cfg = msg.content["config"]
+    task = json.loads(str(cfg["task"]))
+    bundle_hash = str(cfg["bundle-hash"])
+    emulated = _cached_bundle(bundle_hash, context)
+    processor = _PROCESSORS[bundle_hash]
+    tuning = task["tuning"]
+    lora = tuning.get("lora")
+    emulated.prepare(tuning["kind"], lora, seed=task["seed"])
+    dtypes = {k: v.dtype for k, v in emulated.adapter().tensors.items()}
+    received = protocol.record_tensors(msg.content["arrays"])
+    emulated.set_adapter(emulated.adapter().with_tensors(
+        {k: v.to(dtypes[k]) if k in dtypes else v for k, v in received.items()}))
+    items = _training_items(task, context, processor)
+    round_seed = task["seed"] + 1000 * int(cfg.get("server-round", 0)) + \
+        int(context.node_config.get("partition-id", 0))
+    train_cfg = TrainConfig(**task["train"], seed=round_seed,
+                            prox_mu=float(cfg.get("proximal-mu", 0.0)))
+    stats = train(emulated.model, items, train_cfg, getattr(processor, "pad_token_id", 0) or 0)
+    trained = emulated.adapter()
+    metrics = MetricRecord({"num-examples": len(items), "train_loss": stats["train_loss"],
+                            "train_loss_last": stats["train_loss_last"],
+                            "steps": stats["steps"], "seconds": time.time() - start})
+    return Message(RecordDict({"arrays": protocol.adapter_record(trained), "metrics": metrics}),
+                   reply_to=msg)

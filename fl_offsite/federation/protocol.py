@@ -1,0 +1,92 @@
+"""What travels between model owner and data owners, and how many bytes it is.
+
+Messages (Flower Message API):
+
+- ``query.bundle`` (once per data owner): the bundle. With ``shared-path`` transport (one host,
+  simulation) it names a directory every virtual data owner can read; with ``message``
+  transport (deployment) it carries the bundle's tensors in one ArrayRecord and its small
+  files in a ConfigRecord. Either way the byte count is what a real node would receive.
+- ``train`` (every round): exactly one ArrayRecord, the global adapter (so Flower's client-side
+  DP mods apply), and a ConfigRecord with the bundle hash and the training task as JSON.
+  The reply holds the trained adapter (one ArrayRecord) and a MetricRecord with
+  ``num-examples`` (FedAvg's weight) and the training statistics.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+from ..adapter import Adapter
+from ..fileio import tensor_bytes
+
+BUNDLE_ACTION = "bundle"
+MISSING_BUNDLE = "fl-offsite: bundle not cached"
+TENSOR_FILES = ("emulator.safetensors", "shared.safetensors", "adapter.safetensors")
+
+
+def adapter_record(adapter: Adapter) -> ArrayRecord:
+    """bfloat16 travels as float32 (ArrayRecord has no bfloat16); receivers cast back."""
+    return ArrayRecord(OrderedDict(
+        (k, v.float() if v.dtype == torch.bfloat16 else v) for k, v in sorted(adapter.tensors.items())))
+
+
+def record_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    return dict(record.to_torch_state_dict())
+
+
+def record_bytes(record: ArrayRecord) -> int:
+    return sum(int(array.numpy().nbytes) for array in record.values())
+
+
+def bundle_files(bundle_dir: Path) -> dict[str, bytes]:
+    """The bundle's small files (config, metadata, tokenizer...), by name."""
+    return {p.name: p.read_bytes() for p in sorted(bundle_dir.iterdir())
+            if p.is_file() and p.name not in TENSOR_FILES}
+
+
+def bundle_size(bundle_dir: Path) -> int:
+    """Bytes a data owner receives for the bundle (all its files)."""
+    return sum(p.stat().st_size for p in Path(bundle_dir).iterdir() if p.is_file())
+
+
+def bundle_content(bundle_dir: Path, bundle_hash: str, transport: str) -> RecordDict:
+    meta = ConfigRecord({"hash": bundle_hash, "bytes": bundle_size(bundle_dir)})
+    if transport == "shared-path":
+        meta["path"] = str(Path(bundle_dir).resolve())
+        return RecordDict({"bundle": meta})
+    from ..fileio import load_tensors
+
+    tensors = OrderedDict()
+    for name in TENSOR_FILES:
+        for key, value in load_tensors(bundle_dir / name).items():
+            tensors[f"{name}/{key}"] = value
+    files = ConfigRecord({f"file:{n}": b for n, b in bundle_files(bundle_dir).items()})
+    return RecordDict({"bundle": meta, "files": files, "arrays": ArrayRecord(tensors)})
+
+
+def write_bundle_content(content: RecordDict, target: Path) -> None:
+    """Recreate a bundle directory from a ``message``-transport payload."""
+    from ..fileio import atomic_dir, save_tensors
+
+    per_file: dict[str, dict[str, torch.Tensor]] = {n: {} for n in TENSOR_FILES}
+    for key, tensor in record_tensors(content["arrays"]).items():
+        name, _, tensor_key = key.partition("/")
+        per_file[name][tensor_key] = tensor
+    with atomic_dir(target, overwrite=True) as tmp:
+        for name, tensors in per_file.items():
+            save_tensors(tmp / name, tensors)
+        for key, data in content["files"].items():
+            (tmp / key.removeprefix("file:")).write_bytes(data)
+
+
+def task_config(bundle_hash: str, task: dict) -> ConfigRecord:
+    return ConfigRecord({"bundle-hash": bundle_hash, "task": json.dumps(task)})
+
+
+def adapter_bytes(adapter: Adapter) -> int:
+    return tensor_bytes(adapter.tensors)

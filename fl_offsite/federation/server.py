@@ -1,0 +1,204 @@
+"""The model owner's federation loop: a plain function shared by every way of running it.
+
+``run_federation(grid, cfg, run_dir)`` is called by the ServerApp, whether the run is an
+in-process simulation (``fl-offsite simulate``), ``flwr run .`` or a real deployment. Flower
+strategies do the sampling and the aggregation; this loop adds what offsite-tuning needs
+around them: ship the bundle once per data owner, count traffic, plug the aggregate into the
+full model and evaluate it (and the emulator) every round, and record everything.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+import strategies
+
+from .. import adapter as adapters
+from .. import data
+from ..adapter import Adapter
+from ..architectures import resolve
+from ..bundle import keyed, split_state, write_bundle
+from ..config import Config, dump
+from ..emulator import EmulatedModel
+from ..errors import UserError
+from ..evaluate import evaluate
+from ..fileio import tensors_hash
+from ..models import load_model, load_processor
+from ..plan import make_plan
+from . import protocol
+from .tracking import RunLog
+
+
+class ModelOwner:
+    """The full model, its bundle, the emulator copy for measuring the gap, and the eval data."""
+
+    def __init__(self, cfg: Config, run_dir: Path):
+        self.cfg = cfg
+        self.model = load_model(cfg.model, cfg.dtype)
+        self.arch = resolve(self.model)
+        self.processor = load_processor(cfg.model)
+        shared, blocks = split_state(self.model, self.arch)
+        if cfg.bundle:
+            self.bundle_dir = Path(cfg.bundle)
+        else:
+            self.bundle_dir = run_dir / "bundle"
+            plan = make_plan(len(blocks), cfg.split.adapter_bottom, cfg.split.adapter_top,
+                             cfg.split.emulator_layers, cfg.split.drop_ratio)
+            write_bundle(self.model, plan, self.bundle_dir, cfg.model, self.processor)
+        self.emulated = EmulatedModel(self.bundle_dir)
+        self.info = self.emulated.info
+        if tensors_hash(shared) != self.info.source_hash:
+            raise UserError(f"bundle: {self.bundle_dir} was not built from {cfg.model}; "
+                            "remove the bundle key to build a fresh one")
+        self.pristine = Adapter({k: v.clone() for k, v in keyed(blocks, self.info.plan.adapter)
+                                 .items()}, "blocks", self.info.bundle_hash,
+                                self.info.source_hash, self.info.plan.adapter)
+        lora = None
+        if cfg.tuning.kind == "lora":
+            lora = adapters.lora_config(self.arch, cfg.tuning.lora_r, cfg.tuning.lora_alpha,
+                                        cfg.tuning.lora_dropout)
+        self.lora = lora
+        self.initial = self.emulated.prepare(cfg.tuning.kind, lora, seed=cfg.seed)
+        self.eval_data = data.prepare(cfg.data.path, cfg.data.eval_split, self.processor,
+                                      cfg.data.block_size, cfg.data.max_eval_examples)
+
+    def plugin_metrics(self, adapter: Adapter | None) -> dict:
+        """Metrics of the full model with ``adapter`` plugged in (None: zero-shot)."""
+        order = tuple(range(self.info.plan.depth))
+        adapters.load_into(self.model, self.arch, order, self.pristine)
+        if adapter is not None:
+            adapters.plug(self.model, self.arch, adapter)
+        return evaluate(self.model, self.eval_data, self.processor)
+
+    def emulator_metrics(self, adapter: Adapter) -> dict:
+        self.emulated.set_adapter(adapter)
+        return evaluate(self.emulated.model, self.eval_data, self.processor)
+
+    def task(self) -> dict:
+        """What every data owner needs to know to train (sent as JSON in each train message)."""
+        cfg = self.cfg
+        t = cfg.train
+        return {
+            "data": cfg.data.path, "block_size": cfg.data.block_size,
+            "max_train_examples": cfg.data.max_train_examples,
+            "partition": cfg.partition.model_dump(),
+            "tuning": {"kind": cfg.tuning.kind, "lora": self.lora},
+            "train": {"lr": t.lr, "epochs": t.local_epochs, "max_steps": t.local_steps,
+                      "batch_size": t.batch_size, "grad_accum": t.grad_accum,
+                      "weight_decay": t.weight_decay, "max_grad_norm": t.max_grad_norm,
+                      "mixed_precision": t.mixed_precision},
+            "seed": cfg.seed,
+        }
+
+
+def _update_norm(old: dict, new: dict) -> float:
+    return math.sqrt(sum(float((new[k].double() - old[k].double()).pow(2).sum()) for k in old))
+
+
+def _train_losses(replies: list[Message]) -> dict:
+    losses = [float(r.content["metrics"]["train_loss"]) for r in replies]
+    if not losses:
+        return {}
+    return {"mean": sum(losses) / len(losses), "min": min(losses), "max": max(losses)}
+
+
+class BundleShipper:
+    """Sends the bundle to each data owner once; remembers who has it."""
+
+    def __init__(self, owner: ModelOwner, transport: str, timeout: float):
+        self.owner = owner
+        self.transport = transport
+        self.timeout = timeout
+        self.delivered: set[int] = set()
+        self.size = protocol.bundle_size(owner.bundle_dir)
+        self._content = None
+
+    def ship(self, grid: Grid, node_ids: set[int]) -> tuple[set[int], int]:
+        """Deliver to those of ``node_ids`` that lack it; returns (failed nodes, bytes sent)."""
+        missing = sorted(node_ids - self.delivered)
+        if not missing:
+            return set(), 0
+        if self._content is None:
+            self._content = protocol.bundle_content(self.owner.bundle_dir,
+                                                    self.owner.info.bundle_hash, self.transport)
+        messages = [Message(self._content, dst_node_id=n,
+                            message_type=f"query.{protocol.BUNDLE_ACTION}") for n in missing]
+        replies = grid.send_and_receive(messages, timeout=self.timeout)
+        ok = {r.metadata.src_node_id for r in replies if not r.has_error()}
+        self.delivered |= ok
+        return set(missing) - ok, self.size * len(missing)
+
+    def forget(self, node_id: int) -> None:
+        self.delivered.discard(node_id)
+
+
+def run_federation(grid: Grid, cfg: Config, run_dir: Path) -> dict:
+    """Run all rounds; returns the summary (also in ``run_dir/summary.json``)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    owner = ModelOwner(cfg, run_dir)
+    log = RunLog(run_dir, dump(cfg), owner.eval_data.kind)
+    try:
+        _rounds(grid, cfg, run_dir, owner, log)
+    finally:
+        log.close()
+    return log.summary
+
+
+def _rounds(grid: Grid, cfg: Config, run_dir: Path, owner: ModelOwner, log: RunLog) -> None:
+    strategy = strategies.build(cfg.strategy, cfg.num_clients, cfg.clients_per_round)
+    shipper = BundleShipper(owner, cfg.bundle_transport, cfg.round_timeout)
+    current = owner.initial
+    log.start(owner.plugin_metrics(None), owner.emulator_metrics(current),
+              {"path": str(owner.bundle_dir), "hash": owner.info.bundle_hash,
+               "bytes": shipper.size, "notation": owner.info.plan.notation(),
+               "adapter_bytes": protocol.adapter_bytes(current)})
+    train_config = protocol.task_config(owner.info.bundle_hash, owner.task())
+    checkpoints = run_dir / "checkpoints"
+    checkpoints.mkdir(exist_ok=True)
+    for rnd in range(1, cfg.rounds + 1):
+        start = time.time()
+        random.seed(cfg.seed * 100_003 + rnd)  # Flower samples nodes with `random`
+        messages = list(strategy.configure_train(rnd, protocol.adapter_record(current),
+                                                 train_config, grid))
+        sampled = {m.metadata.dst_node_id for m in messages}
+        undelivered, bytes_down = shipper.ship(grid, sampled)
+        messages = [m for m in messages if m.metadata.dst_node_id not in undelivered]
+        bytes_down += protocol.adapter_bytes(current) * len(messages)
+        replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
+        ok = [r for r in replies if not r.has_error()]
+        for r in replies:
+            if r.has_error() and protocol.MISSING_BUNDLE in (r.error.reason or ""):
+                shipper.forget(r.metadata.src_node_id)
+        bytes_up = sum(protocol.record_bytes(r.content["arrays"]) for r in ok)
+        updated = len(ok) >= cfg.min_clients
+        previous = current
+        if updated:
+            aggregated, _ = strategy.aggregate_train(rnd, ok)
+            tensors = {k: v.to(previous.tensors[k].dtype)
+                       for k, v in protocol.record_tensors(aggregated).items()}
+            current = previous.with_tensors(tensors)
+        record = {
+            "round": rnd,
+            "plugin": owner.plugin_metrics(current),
+            "emulator": owner.emulator_metrics(current) if cfg.evaluate_emulator else {},
+            "clients_sampled": len(sampled),
+            "clients_ok": len(ok),
+            "clients_failed": len(sampled) - len(ok),
+            "updated": updated,
+            "train_loss": _train_losses(ok),
+            "update_norm": _update_norm(previous.tensors, current.tensors),
+            "bytes_down": bytes_down,
+            "bytes_up": bytes_up,
+        }
+        current.save(checkpoints / f"round-{rnd:04d}.safetensors")
+        for old in sorted(checkpoints.glob("round-*.safetensors"))[:-cfg.keep_checkpoints]:
+            old.unlink()
+        current.save(run_dir / "adapter.safetensors")
+        record["seconds"] = time.time() - start
+        log.round(record, cfg.rounds)

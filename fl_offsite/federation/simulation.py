@@ -1,0 +1,111 @@
+"""Running a federation as a Flower simulation on Ray, in this process.
+
+Uses ``flwr.simulation.run_simulation``: it is the in-process path and re-raises the
+ServerApp's errors, so a failed run makes ``fl-offsite simulate`` exit non-zero. Ray's
+session files and every cache the run writes stay inside the run directory (Ray gets a short
+symlink to it, because its socket paths must stay under 108 characters).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+from ..config import Config
+from ..errors import UserError
+
+
+def check_resources(cfg: Config) -> None:
+    if cfg.resources.num_gpus > 0:
+        import torch
+        if not torch.cuda.is_available():
+            raise UserError(f"resources.num_gpus: {cfg.resources.num_gpus} GPUs per client asked "
+                            "for, but no CUDA GPU is visible; set resources.num_gpus=0")
+    cpus = os.cpu_count() or 1
+    if cfg.ray_address is None and cfg.resources.num_cpus > cpus:
+        raise UserError(f"resources.num_cpus: {cfg.resources.num_cpus} CPUs per client, but this "
+                        f"machine has {cpus}; use at most {cpus}")
+
+
+@contextlib.contextmanager
+def _environment(**values: str):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextlib.contextmanager
+def _short_link(target: Path):
+    """A short path (under the system temp dir) pointing at ``target``."""
+    target.mkdir(parents=True, exist_ok=True)
+    link = Path(tempfile.mkdtemp(prefix="flo-")) / "r"
+    link.symlink_to(target.resolve())
+    try:
+        yield link
+    finally:
+        link.unlink()
+        link.parent.rmdir()
+
+
+def _quiet() -> None:
+    """Keep the console to fl-offsite's own progress lines (--verbose shows everything)."""
+    import datasets
+    import transformers
+
+    logging.getLogger("flwr").setLevel(logging.ERROR)
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+
+
+def simulate(cfg: Config, run_dir: Path, verbose: bool = False) -> dict:
+    """Run the federation on Flower's Ray backend; returns the run summary."""
+    from flwr.serverapp import ServerApp
+    from flwr.simulation import run_simulation
+
+    from ..client_app import app as client_app
+    from .server import run_federation
+
+    check_resources(cfg)
+    result: dict = {}
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid, context) -> None:
+        result.update(run_federation(grid, cfg, run_dir))
+
+    cache = run_dir / "cache"
+    if not verbose:
+        _quiet()
+    with _short_link(run_dir / "ray") as ray_tmp, _environment(
+            HF_DATASETS_CACHE=str(cache / "datasets"), FL_OFFSITE_CACHE=str(cache),
+            FLWR_HOME=str(cache / "flwr"), RAY_DEDUP_LOGS="0", TOKENIZERS_PARALLELISM="false",
+            RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0"):
+        init_args = {"include_dashboard": False, "logging_level": "ERROR",
+                     "log_to_driver": verbose}
+        if cfg.ray_address:
+            init_args["address"] = cfg.ray_address
+        else:
+            init_args["_temp_dir"] = str(ray_tmp)
+        backend_config = {
+            "client_resources": {"num_cpus": cfg.resources.num_cpus,
+                                 "num_gpus": cfg.resources.num_gpus},
+            "init_args": init_args,
+        }
+        run_simulation(server_app=server_app, client_app=client_app,
+                       num_supernodes=cfg.num_clients, backend_name="ray",
+                       backend_config=backend_config, verbose_logging=verbose)
+    if "rounds" not in result or len(result["rounds"]) != cfg.rounds:
+        raise RuntimeError(f"simulation stopped before the last round; see {run_dir}")
+    return result

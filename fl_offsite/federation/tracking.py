@@ -1,0 +1,84 @@
+"""Everything a run records: TensorBoard scalars, ``summary.json``, a progress line per round.
+
+TensorBoard tags (step = round; round 0 is before any tuning):
+
+- ``plugin/<metric>``: the full model with the aggregated adapter plugged in;
+- ``emulator/<metric>``: the emulator with the same adapter (the gap to plug-in is what
+  protects the model owner);
+- ``zero_shot/<metric>``: the untouched full model, a constant reference line;
+- ``clients/train_loss_mean|min|max``, ``clients/ok``, ``clients/failed``;
+- ``traffic/bytes_down_total``, ``traffic/bytes_up_total`` (cumulative, payload bytes);
+- ``aggregate/update_norm``: L2 norm of the change of the global adapter in the round;
+- ``round/seconds``; and the resolved config as text under ``config``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from ..fileio import atomic_write_json
+
+MAIN_METRIC = {"lm": "ppl", "multiple-choice": "acc", "image": "acc"}
+
+
+class RunLog:
+    def __init__(self, run_dir: Path, config_text: str, task_kind: str):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.run_dir = run_dir
+        self.metric = MAIN_METRIC[task_kind]
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+        self.writer.add_text("config", "```\n" + config_text + "\n```", 0)
+        self.summary: dict = {"task": task_kind, "main_metric": self.metric}
+        self.bytes_down = self.bytes_up = 0
+
+    def _scalars(self, prefix: str, metrics: dict, step: int) -> None:
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self.writer.add_scalar(f"{prefix}/{key}", value, step)
+
+    def start(self, zero_shot: dict, emulator_zero_shot: dict, bundle: dict) -> None:
+        self.summary.update({"zero_shot": zero_shot, "emulator_zero_shot": emulator_zero_shot,
+                             "bundle": bundle, "rounds": []})
+        self._scalars("plugin", zero_shot, 0)
+        self._scalars("emulator", emulator_zero_shot, 0)
+        self._scalars("zero_shot", zero_shot, 0)
+        self.save()
+        print(f"zero-shot {self.metric} {zero_shot.get(self.metric, float('nan')):.4g}, "
+              f"emulator zero-shot {emulator_zero_shot.get(self.metric, float('nan')):.4g} "
+              f"(bundle {bundle['notation']}, {bundle['bytes'] / 1e6:.2f} MB)", flush=True)
+
+    def round(self, record: dict, total_rounds: int) -> None:
+        step = record["round"]
+        self.bytes_down += record["bytes_down"]
+        self.bytes_up += record["bytes_up"]
+        record["bytes_down_total"] = self.bytes_down
+        record["bytes_up_total"] = self.bytes_up
+        self._scalars("plugin", record["plugin"], step)
+        self._scalars("emulator", record["emulator"], step)
+        self._scalars("zero_shot", self.summary["zero_shot"], step)
+        self._scalars("clients", {"ok": record["clients_ok"], "failed": record["clients_failed"],
+                                  **{f"train_loss_{k}": v for k, v in record["train_loss"].items()}},
+                      step)
+        self._scalars("traffic", {"bytes_down_total": self.bytes_down,
+                                  "bytes_up_total": self.bytes_up}, step)
+        self._scalars("aggregate", {"update_norm": record["update_norm"]}, step)
+        self._scalars("round", {"seconds": record["seconds"]}, step)
+        self.writer.flush()
+        self.summary["rounds"].append(record)
+        self.save()
+        main = record["plugin"].get(self.metric, float("nan"))
+        emu = record["emulator"].get(self.metric, float("nan"))
+        print(f"round {step}/{total_rounds}: clients {record['clients_ok']} ok, "
+              f"{record['clients_failed']} failed | plug-in {self.metric} {main:.4g} "
+              f"(zero-shot {self.summary['zero_shot'].get(self.metric, float('nan')):.4g}) | "
+              f"emulator {self.metric} {emu:.4g} | {record['seconds']:.1f}s"
+              + ("" if record["updated"] else " | adapter kept (too few valid uploads)"),
+              flush=True)
+
+    def save(self) -> None:
+        atomic_write_json(self.run_dir / "summary.json", self.summary)
+
+    def close(self) -> None:
+        self.writer.close()
