@@ -74,6 +74,13 @@ class StrategyConfig(_Section):
     krum_keep: int = Field(1, ge=1, description="krum: 1 = Krum, >1 = multi-Krum")
 
 
+class FaultsConfig(_Section):
+    """Fault drills: failures injected on purpose (off by default)."""
+
+    crash: float = Field(0.0, ge=0.0, le=1.0, description="probability a sampled owner raises")
+    seed: int = 0
+
+
 class ResourcesConfig(_Section):
     num_cpus: float = Field(1.0, gt=0.0)
     num_gpus: float = Field(0.0, ge=0.0)
@@ -101,6 +108,7 @@ class Config(_Section):
     train: TrainConfig = TrainConfig()
     strategy: StrategyConfig = StrategyConfig()
     resources: ResourcesConfig = ResourcesConfig()
+    faults: FaultsConfig = FaultsConfig()
 
     @model_validator(mode="after")
     def _consistent(self):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import time
 from pathlib import Path
 
@@ -94,10 +95,23 @@ def _training_items(task: dict, context: Context, processor) -> list:
     return _DATA[key]
 
 
+def injected_crash(faults: dict, server_round: int, who: int) -> bool:
+    """Whether the fault drill crashes data owner ``who`` in ``server_round`` (seeded draw)."""
+    rate = faults.get("crash", 0.0)
+    return rate > 0 and random.Random(f"{faults['seed']}-{server_round}-{who}").random() < rate
+
+
+def _fault_drill(task: dict, server_round: int, context: Context) -> None:
+    who = int(context.node_config.get("partition-id", context.node_id))
+    if injected_crash(task.get("faults") or {}, server_round, who):
+        raise RuntimeError(f"fault drill: injected crash (round {server_round}, node {who})")
+
+
 def train_adapter(msg: Message, context: Context) -> Message:
     start = time.time()
     cfg = msg.content["config"]
     task = json.loads(str(cfg["task"]))
+    _fault_drill(task, int(cfg.get("server-round", 0)), context)
     bundle_hash = str(cfg["bundle-hash"])
     emulated = _cached_bundle(bundle_hash, context)
     processor = _PROCESSORS[bundle_hash]

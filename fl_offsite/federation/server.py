@@ -94,6 +94,7 @@ class ModelOwner:
                       "weight_decay": t.weight_decay, "max_grad_norm": t.max_grad_norm,
                       "mixed_precision": t.mixed_precision},
             "seed": cfg.seed,
+            "faults": cfg.faults.model_dump(),
         }
 
 
@@ -120,7 +121,7 @@ class BundleShipper:
         self._content = None
 
     def ship(self, grid: Grid, node_ids: set[int]) -> tuple[set[int], int]:
-        """Deliver to those of ``node_ids`` that lack it; returns (failed nodes, bytes sent)."""
+        """Deliver to those of ``node_ids`` that lack it; returns (failed nodes, bundles sent)."""
         missing = sorted(node_ids - self.delivered)
         if not missing:
             return set(), 0
@@ -132,7 +133,7 @@ class BundleShipper:
         replies = grid.send_and_receive(messages, timeout=self.timeout)
         ok = {r.metadata.src_node_id for r in replies if not r.has_error()}
         self.delivered |= ok
-        return set(missing) - ok, self.size * len(missing)
+        return set(missing) - ok, len(missing)
 
     def forget(self, node_id: int) -> None:
         self.delivered.discard(node_id)
@@ -167,9 +168,9 @@ def _rounds(grid: Grid, cfg: Config, run_dir: Path, owner: ModelOwner, log: RunL
         messages = list(strategy.configure_train(rnd, protocol.adapter_record(current),
                                                  train_config, grid))
         sampled = {m.metadata.dst_node_id for m in messages}
-        undelivered, bytes_down = shipper.ship(grid, sampled)
+        undelivered, bundles_sent = shipper.ship(grid, sampled)
         messages = [m for m in messages if m.metadata.dst_node_id not in undelivered]
-        bytes_down += protocol.adapter_bytes(current) * len(messages)
+        bytes_down = shipper.size * bundles_sent + protocol.adapter_bytes(current) * len(messages)
         replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
         ok = [r for r in replies if not r.has_error()]
         for r in replies:
@@ -193,6 +194,7 @@ def _rounds(grid: Grid, cfg: Config, run_dir: Path, owner: ModelOwner, log: RunL
             "updated": updated,
             "train_loss": _train_losses(ok),
             "update_norm": _update_norm(previous.tensors, current.tensors),
+            "bundles_sent": bundles_sent,
             "bytes_down": bytes_down,
             "bytes_up": bytes_up,
         }

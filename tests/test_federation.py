@@ -1,0 +1,148 @@
+"""Real Flower + Ray simulations of federated offsite-tuning on the packaged tiny model."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.serverapp.strategy import FedAvg
+
+import strategies
+from fl_offsite import config as configs
+from fl_offsite.adapter import Adapter
+from fl_offsite.federation import protocol
+from fl_offsite.federation.client import injected_crash
+from fl_offsite.federation.simulation import simulate
+from fl_offsite.federation.runtime import new_run_dir
+
+pytestmark = pytest.mark.slow
+
+BASE = {
+    "name": "test", "model": "fl-offsite/tiny-opt", "num_clients": 3, "clients_per_round": 3,
+    "rounds": 2, "seed": 0, "split": {"emulator_layers": 2},
+    "data": {"path": "fl-offsite/pydoc", "block_size": 32, "max_eval_examples": 20},
+    "train": {"lr": 0.002, "local_steps": 2, "batch_size": 4},
+}
+
+
+class RecordingFedAvg(FedAvg):
+    """Flower's FedAvg, keeping what it was given and what it returned."""
+
+    calls: list = []
+
+    def aggregate_train(self, server_round, replies):
+        replies = list(replies)
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        RecordingFedAvg.calls.append((
+            [(protocol.record_tensors(r.content["arrays"]),
+              int(r.content["metrics"]["num-examples"])) for r in replies],
+            protocol.record_tensors(arrays)))
+        return arrays, metrics
+
+
+@pytest.fixture(scope="module")
+def crashing_run(tmp_path_factory):
+    """3 data owners, 2 rounds, FedAvg recorded, fault drill crashing about a third of them."""
+    patch = pytest.MonkeyPatch()
+    patch.setitem(strategies.STRATEGIES, "fedavg", (RecordingFedAvg, {}))
+    RecordingFedAvg.calls = []
+    cfg = configs.load(None, {**BASE, "faults": {"crash": 0.34, "seed": 3}})
+    run_dir = new_run_dir(cfg, tmp_path_factory.mktemp("sim") / "run")
+    try:
+        summary = simulate(cfg, run_dir)
+    finally:
+        patch.undo()
+    return cfg, run_dir, summary, list(RecordingFedAvg.calls)
+
+
+def test_the_aggregate_is_the_example_weighted_mean_of_client_adapters(crashing_run):
+    _, run_dir, _, calls = crashing_run
+    assert calls
+    for uploads, aggregate in calls:
+        total = sum(n for _, n in uploads)
+        for key, value in aggregate.items():
+            expected = sum(t[key].double() * n for t, n in uploads) / total
+            assert torch.allclose(value.double(), expected, atol=1e-6), key
+    final = Adapter.load(run_dir / "adapter.safetensors")
+    last = calls[-1][1]
+    assert all(torch.equal(final.tensors[k], last[k].to(final.tensors[k].dtype)) for k in last)
+
+
+def test_the_bundle_crosses_the_wire_once_per_data_owner(crashing_run):
+    cfg, _, summary, _ = crashing_run
+    first, second = summary["rounds"]
+    assert first["bundles_sent"] == cfg.num_clients and second["bundles_sent"] == 0
+    adapter_bytes = summary["bundle"]["adapter_bytes"]
+    assert first["bytes_down"] == cfg.num_clients * (summary["bundle"]["bytes"] + adapter_bytes)
+    assert second["bytes_down"] == cfg.num_clients * adapter_bytes
+    assert second["bytes_up"] == second["clients_ok"] * adapter_bytes
+
+
+def test_a_crashing_data_owner_is_counted_and_the_round_goes_on(crashing_run):
+    cfg, _, summary, _ = crashing_run
+    faults = cfg.faults.model_dump()
+    for record in summary["rounds"]:
+        crashed = sum(injected_crash(faults, record["round"], who) for who in range(3))
+        assert record["clients_failed"] == crashed
+        assert record["clients_ok"] == 3 - crashed
+    assert sum(r["clients_failed"] for r in summary["rounds"]) > 0
+    assert all(r["updated"] for r in summary["rounds"])
+
+
+def test_run_directory_summary_and_tensorboard(crashing_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, run_dir, summary, _ = crashing_run
+    for name in ("config.yaml", "summary.json", "adapter.safetensors", "bundle/offsite.json"):
+        assert (run_dir / name).is_file(), name
+    assert len(list((run_dir / "checkpoints").glob("round-*.safetensors"))) == 2
+    on_disk = json.loads((run_dir / "summary.json").read_text())
+    assert on_disk["zero_shot"]["ppl"] > 0 and len(on_disk["rounds"]) == 2
+    for record in on_disk["rounds"]:
+        for key in ("round", "plugin", "emulator", "clients_ok", "clients_failed", "bytes_down",
+                    "bytes_up", "seconds"):
+            assert key in record, key
+        assert math.isfinite(record["plugin"]["ppl"]) and math.isfinite(record["emulator"]["ppl"])
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    for tag in ("plugin/ppl", "emulator/ppl", "zero_shot/ppl", "clients/ok", "clients/failed",
+                "clients/train_loss_mean", "traffic/bytes_down_total", "traffic/bytes_up_total",
+                "aggregate/update_norm", "round/seconds"):
+        assert tag in tags, tag
+        assert all(math.isfinite(e.value) for e in events.Scalars(tag))
+    assert "config/text_summary" in events.Tags()["tensors"]
+    assert list((run_dir / "ray").iterdir())  # Ray kept its session files in the run
+
+
+def test_offsite_mode_over_the_message_transport(tmp_path):
+    """Single data owner; the bundle travels inside Flower messages, as in a deployment."""
+    from fl_offsite.federation.cli import OFFSITE_OVERRIDES
+
+    cfg = configs.load(None, {**BASE, **OFFSITE_OVERRIDES, "rounds": 1,
+                              "bundle_transport": "message", "tuning": {"kind": "lora"},
+                              "train": {"lr": 0.01, "local_steps": 2, "batch_size": 4}})
+    summary = simulate(cfg, new_run_dir(cfg, tmp_path / "run"))
+    (record,) = summary["rounds"]
+    assert record["clients_ok"] == 1 and record["bundles_sent"] == 1
+    assert record["update_norm"] > 0 and math.isfinite(record["plugin"]["ppl"])
+    assert summary["bundle"]["adapter_bytes"] < 0.1 * summary["bundle"]["bytes"]  # LoRA only
+    assert list((tmp_path / "run" / "cache" / "bundles").iterdir())  # written by the client
+
+
+def test_the_demo_improves_on_zero_shot(tmp_path):
+    """The README's first command, as users run it (fewer rounds to keep the suite short)."""
+    import subprocess
+
+    out = tmp_path / "demo"
+    demo = Path(__file__).parents[1] / "configs" / "demo.yaml"
+    proc = subprocess.run(["fl-offsite", "simulate", "--config", str(demo),
+                           "--set", "rounds=2", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "round 2/2" in proc.stdout and "done: plug-in ppl" in proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds"][-1]["plugin"]["ppl"] < summary["zero_shot"]["ppl"]
