@@ -209,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
+    if not getattr(args, "verbose", False):
+        from .quiet import quiet_libraries
+        quiet_libraries()
     try:
         args.func(args)
     except UserError as exc:

@@ -9,7 +9,7 @@ from .adapter import Adapter
 from .architectures import resolve
 from .bundle import BundleInfo, write_bundle
 from .fileio import atomic_dir
-from .models import load_model, load_processor
+from .models import load_config, load_model, load_processor
 from .plan import make_plan
 
 
@@ -17,10 +17,9 @@ def build_bundle(model_name: str, out_dir: str | Path, adapter_bottom: int = 2,
                  adapter_top: int = 2, emulator_layers: int | None = None,
                  drop_ratio: float | None = None, dtype: str = "float32",
                  overwrite: bool = False) -> BundleInfo:
+    plan = make_plan(load_config(model_name).num_hidden_layers, adapter_bottom, adapter_top,
+                     emulator_layers, drop_ratio)  # fail before loading any weights
     model = load_model(model_name, dtype)
-    arch = resolve(model)
-    plan = make_plan(len(arch.blocks(model)), adapter_bottom, adapter_top, emulator_layers,
-                     drop_ratio)
     return write_bundle(model, plan, out_dir, model_name, load_processor(model_name),
                         overwrite=overwrite)
 

@@ -8,7 +8,7 @@ run directory (default ``runs/<name>-<timestamp>``).
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from .federation.runtime import config_from_run_config, new_run_dir
+from .federation.runtime import config_from_run_config, new_run_dir, preflight
 from .federation.server import run_federation
 
 app = ServerApp()
@@ -17,4 +17,5 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg, out = config_from_run_config(dict(context.run_config))
+    preflight(cfg, simulation=False)
     run_federation(grid, cfg, new_run_dir(cfg, out))

@@ -11,12 +11,13 @@ OFFSITE_OVERRIDES = {"num_clients": 1, "clients_per_round": 1, "min_clients": 1,
 
 def _run(args, extra: dict | None = None) -> None:
     from .. import config as configs
-    from .runtime import new_run_dir
+    from .runtime import new_run_dir, preflight
     from .simulation import simulate
 
     overrides = dict(configs.parse_override(o) for o in args.set or [])
     overrides.update(extra or {})
     cfg = configs.load(args.config, overrides)
+    preflight(cfg)
     run_dir = new_run_dir(cfg, args.out)
     summary = simulate(cfg, run_dir, verbose=args.verbose)
     metric = summary["main_metric"]

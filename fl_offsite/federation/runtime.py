@@ -9,6 +9,30 @@ from .. import config as configs
 from ..errors import UserError
 
 
+def preflight(cfg: configs.Config, simulation: bool = True) -> None:
+    """Every check that can fail before anything is written: a bad run leaves no run dir."""
+    import strategies
+
+    from .. import data
+    from ..bundle import read_info
+    from ..models import load_config
+    from ..plan import make_plan
+    from .simulation import check_resources
+
+    if simulation:
+        check_resources(cfg)
+    strategies.build(cfg.strategy, cfg.num_clients, cfg.clients_per_round)
+    depth = load_config(cfg.model).num_hidden_layers
+    if cfg.bundle:
+        read_info(cfg.bundle)
+    else:
+        make_plan(depth, cfg.split.adapter_bottom, cfg.split.adapter_top,
+                  cfg.split.emulator_layers, cfg.split.drop_ratio)
+    for split in ("train", cfg.data.eval_split):
+        if len(data.load_split(cfg.data.path, split)) == 0:
+            raise UserError(f"data.path: {cfg.data.path} split {split!r} is empty")
+
+
 def new_run_dir(cfg: configs.Config, out: str | Path | None) -> Path:
     """A fresh run directory holding the resolved config (refuses to reuse a non-empty one)."""
     run_dir = Path(out) if out else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..config import Config
 from ..errors import UserError
+from ..quiet import quiet_libraries
 
 
 def check_resources(cfg: Config) -> None:
@@ -57,18 +58,6 @@ def _short_link(target: Path):
         link.parent.rmdir()
 
 
-def _quiet() -> None:
-    """Keep the console to fl-offsite's own progress lines (--verbose shows everything)."""
-    import datasets
-    import transformers
-
-    logging.getLogger("flwr").setLevel(logging.ERROR)
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
-
-
 def simulate(cfg: Config, run_dir: Path, verbose: bool = False) -> dict:
     """Run the federation on Flower's Ray backend; returns the run summary."""
     from flwr.serverapp import ServerApp
@@ -87,7 +76,7 @@ def simulate(cfg: Config, run_dir: Path, verbose: bool = False) -> dict:
 
     cache = run_dir / "cache"
     if not verbose:
-        _quiet()
+        quiet_libraries()
     with _short_link(run_dir / "ray") as ray_tmp, _environment(
             HF_DATASETS_CACHE=str(cache / "datasets"), FL_OFFSITE_CACHE=str(cache),
             FLWR_HOME=str(cache / "flwr"), RAY_DEDUP_LOGS="0", TOKENIZERS_PARALLELISM="false",

@@ -1,0 +1,14 @@
+"""Keep the console to fl-offsite's own lines: library progress bars and chatter off."""
+
+import logging
+
+
+def quiet_libraries() -> None:
+    import datasets
+    import transformers
+
+    logging.getLogger("flwr").setLevel(logging.ERROR)
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()

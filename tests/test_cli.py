@@ -1,0 +1,128 @@
+"""The fl-offsite command line: the model-owner / data-owner round trip, and bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from fl_offsite.cli import main
+
+DEMO_CONFIG = str(Path(__file__).parents[1] / "configs" / "demo.yaml")
+
+
+def run(*argv) -> int:
+    return main([str(a) for a in argv])
+
+
+def test_round_trip_emulator_train_plug_evaluate(tmp_path, pydoc_data, capsys):
+    bundle, adapter, plugged = tmp_path / "bundle", tmp_path / "a.safetensors", tmp_path / "m"
+    assert run("emulator", "--model", "fl-offsite/tiny-opt", "--out", bundle,
+               "--emulator-layers", "2") == 0
+    assert "2-2-2" in capsys.readouterr().out
+    assert run("train", "--bundle", bundle, "--data", pydoc_data, "--out", adapter,
+               "--max-steps", "3", "--block-size", "32", "--lr", "2e-3") == 0
+    stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert stats["steps"] == 3 and stats["train_loss"] > 0
+    assert run("plug", "--model", "fl-offsite/tiny-opt", "--adapter", adapter, "--out",
+               plugged) == 0
+    model = AutoModelForCausalLM.from_pretrained(plugged)  # loads as is
+    assert model.config.num_hidden_layers == 8
+    capsys.readouterr()
+    for source in (["--model", plugged], ["--bundle", bundle, "--adapter", adapter],
+                   ["--model", "fl-offsite/tiny-opt", "--adapter", adapter]):
+        out = tmp_path / "metrics.json"
+        assert run("evaluate", *source, "--data", pydoc_data, "--block-size", "32",
+                   "--max-examples", "10", "--out", out) == 0
+        metrics = json.loads(out.read_text())
+        assert metrics["task"] == "lm" and metrics["ppl"] > 1
+    # the plugged directory and plug-in through --adapter give the same numbers
+    printed = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert printed[0]["ppl"] == pytest.approx(printed[2]["ppl"], rel=1e-5)
+
+
+def test_lora_adapter_is_small_and_plugs_in(tmp_path, pydoc_data):
+    bundle, adapter = tmp_path / "bundle", tmp_path / "lora.safetensors"
+    run("emulator", "--model", "fl-offsite/tiny-opt", "--out", bundle)
+    assert run("train", "--bundle", bundle, "--data", pydoc_data, "--out", adapter,
+               "--tuning", "lora", "--max-steps", "2", "--block-size", "32") == 0
+    assert adapter.stat().st_size < 0.1 * (bundle / "adapter.safetensors").stat().st_size
+    assert run("plug", "--model", "fl-offsite/tiny-opt", "--adapter", adapter, "--out",
+               tmp_path / "m") == 0
+
+
+def test_full_fine_tuning_baseline(tmp_path, pydoc_data):
+    assert run("train", "--model", "fl-offsite/tiny-opt", "--tuning", "full", "--data",
+               pydoc_data, "--out", tmp_path / "full", "--max-steps", "2",
+               "--block-size", "32") == 0
+    assert (tmp_path / "full" / "config.json").is_file()
+
+
+def _bad_inputs(tmp_path, pydoc_data):
+    bundle = tmp_path / "bundle"
+    run("emulator", "--model", "fl-offsite/tiny-opt", "--out", bundle)
+    wrong = tmp_path / "wrong.jsonl"
+    wrong.write_text('{"question": "x"}\n')
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "keep.txt").write_text("precious")
+    return [
+        (["emulator", "--model", tmp_path / "missing-model", "--out", tmp_path / "o1"], "--model"),
+        (["emulator", "--model", "fl-offsite/nope", "--out", tmp_path / "o2"], "no zoo model"),
+        (["emulator", "--model", "fl-offsite/tiny-opt", "--out", tmp_path / "o3",
+          "--emulator-layers", "9"], "emulator_layers"),
+        (["emulator", "--model", "fl-offsite/tiny-opt", "--out", occupied], "--out"),
+        (["train", "--bundle", tmp_path / "nope", "--data", pydoc_data, "--out",
+          tmp_path / "o4.safetensors"], "--bundle"),
+        (["train", "--bundle", bundle, "--data", tmp_path / "nodata", "--out",
+          tmp_path / "o5.safetensors"], "--data"),
+        (["train", "--bundle", bundle, "--data", wrong, "--out", tmp_path / "o6.safetensors"],
+         "--data: columns"),
+        (["train", "--tuning", "full", "--bundle", bundle, "--data", pydoc_data, "--out",
+          tmp_path / "o7"], "--tuning full"),
+        (["plug", "--model", "fl-offsite/tiny-opt", "--adapter", tmp_path / "none.safetensors",
+          "--out", tmp_path / "o8"], "--adapter"),
+        (["plug", "--model", "fl-offsite/tiny-opt", "--adapter", wrong, "--out",
+          tmp_path / "o9"], "--adapter"),
+        (["evaluate", "--data", pydoc_data], "exactly one of --model or --bundle"),
+        (["simulate", "--config", tmp_path / "none.yaml"], "--config"),
+        (["simulate", "--config", DEMO_CONFIG, "--set", "rounds=abc"], "rounds"),
+        (["simulate", "--config", DEMO_CONFIG, "--set", "roundz=2"], "roundz: unknown key"),
+        (["simulate", "--config", DEMO_CONFIG, "--set", "resources.num_gpus=0.5"],
+         "resources.num_gpus"),
+        (["simulate", "--config", DEMO_CONFIG, "--set", "clients_per_round=20"],
+         "clients_per_round"),
+        (["simulate", "--config", DEMO_CONFIG, "--set", "strategy.name=fedfoo"], "strategy.name"),
+        (["simulate", "--config", DEMO_CONFIG, "--set", "split.emulator_layers=7"],
+         "emulator_layers"),
+        (["simulate", "--config", DEMO_CONFIG, "--set", "data.path=/no/such/data"], "--data"),
+        (["simulate", "--config", DEMO_CONFIG, "--set", "rounds"], "key=value"),
+        (["simulate", "--config", DEMO_CONFIG, "--out", occupied], "--out"),
+    ], occupied
+
+
+def test_bad_input_gets_one_clear_line_and_leaves_nothing(tmp_path, pydoc_data, capsys,
+                                                          monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a run directory created by mistake would show up here
+    cases, occupied = _bad_inputs(tmp_path, pydoc_data)
+    capsys.readouterr()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for argv, expected in cases:
+        assert run(*argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err and expected in err, (argv, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no partial outputs
+    assert [p.name for p in occupied.iterdir()] == ["keep.txt"]
+
+
+def test_console_script_exit_code_and_help():
+    proc = subprocess.run(["fl-offsite", "emulator", "--model", "/no/such/model", "--out",
+                           "/tmp/never-written"], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --model")
+    for command in ("emulator", "train", "plug", "evaluate", "simulate", "offsite", "report"):
+        proc = subprocess.run(["fl-offsite", command, "--help"], capture_output=True, text=True)
+        assert proc.returncode == 0 and "usage: fl-offsite" in proc.stdout
