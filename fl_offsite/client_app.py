@@ -4,9 +4,14 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from .federation import client
-from .federation.protocol import BUNDLE_ACTION
+from .federation.protocol import BUNDLE_ACTION, HELLO_ACTION
 
 app = ClientApp()
+
+
+@app.query(HELLO_ACTION)
+def hello(msg: Message, context: Context) -> Message:
+    return client.hello(msg, context)
 
 
 @app.query(BUNDLE_ACTION)

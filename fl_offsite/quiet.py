@@ -5,6 +5,7 @@ import logging
 
 def quiet_libraries() -> None:
     import datasets
+    import flwr.common.logger  # noqa: F401  (sets its own level on import: import it first)
     import transformers
 
     logging.getLogger("flwr").setLevel(logging.ERROR)

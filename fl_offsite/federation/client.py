@@ -37,6 +37,16 @@ def cache_root(context: Context) -> Path:
     return Path(configured or Path.home() / ".cache" / "fl-offsite") / "bundles"
 
 
+def node_name(context: Context) -> str:
+    """Stable name of this data owner: ``node-name`` in its node config, or its partition id."""
+    name = context.node_config.get("node-name", context.node_config.get("partition-id"))
+    return str(context.node_id if name is None else name)
+
+
+def hello(msg: Message, context: Context) -> Message:
+    return Message(RecordDict({"node": ConfigRecord({"name": node_name(context)})}), reply_to=msg)
+
+
 def receive_bundle(msg: Message, context: Context) -> Message:
     meta = msg.content["bundle"]
     bundle_hash = str(meta["hash"])

@@ -2,6 +2,9 @@
 
 Messages (Flower Message API):
 
+- ``query.hello`` (once per data owner): asks for its stable name (``node-name`` from its node
+  config, or its simulated partition id), so sampling and aggregation order do not depend on
+  Flower's random node ids and a run is reproducible for a seed.
 - ``query.bundle`` (once per data owner): the bundle. With ``shared-path`` transport (one host,
   simulation) it names a directory every virtual data owner can read; with ``message``
   transport (deployment) it carries the bundle's tensors in one ArrayRecord and its small
@@ -25,6 +28,7 @@ from ..adapter import Adapter
 from ..fileio import tensor_bytes
 
 BUNDLE_ACTION = "bundle"
+HELLO_ACTION = "hello"
 MISSING_BUNDLE = "fl-offsite: bundle not cached"
 TENSOR_FILES = ("emulator.safetensors", "shared.safetensors", "adapter.safetensors")
 

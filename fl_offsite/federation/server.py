@@ -14,7 +14,7 @@ import random
 import time
 from pathlib import Path
 
-from flwr.app import Message
+from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 import strategies
@@ -109,6 +109,48 @@ def _train_losses(replies: list[Message]) -> dict:
     return {"mean": sum(losses) / len(losses), "min": min(losses), "max": max(losses)}
 
 
+class NodeDirectory:
+    """Stable names of the connected data owners (asked once per node with ``query.hello``).
+
+    Flower's node ids are random per run; ordering nodes by name makes sampling (Flower's
+    ``random.sample`` over ``get_node_ids()``) and aggregation order reproducible for a seed.
+    """
+
+    def __init__(self, grid: Grid, timeout: float):
+        self.grid = grid
+        self.timeout = timeout
+        self.names: dict[int, str] = {}
+
+    def refresh(self, wanted: int) -> None:
+        """Learn the names of new nodes; waits until at least ``wanted`` are known."""
+        deadline = time.time() + self.timeout
+        while True:
+            new = [n for n in self.grid.get_node_ids() if n not in self.names]
+            if new:
+                messages = [Message(RecordDict(), dst_node_id=n,
+                                    message_type=f"query.{protocol.HELLO_ACTION}") for n in new]
+                for reply in self.grid.send_and_receive(messages, timeout=self.timeout):
+                    if not reply.has_error():
+                        self.names[reply.metadata.src_node_id] = str(reply.content["node"]["name"])
+            if len(self.names) >= wanted:
+                return
+            if time.time() > deadline:
+                raise RuntimeError(f"only {len(self.names)} of {wanted} data owners answered "
+                                   f"within round_timeout={self.timeout}s")
+            time.sleep(0.5)
+
+    def key(self, node_id: int):
+        name = self.names.get(node_id, str(node_id))
+        return (0, int(name)) if name.isdigit() else (1, name)
+
+    def get_node_ids(self) -> list[int]:
+        """What Flower's samplers see: the named nodes, in name order."""
+        return sorted(self.names, key=self.key)
+
+    def __getattr__(self, attr):  # everything else is the real Grid
+        return getattr(self.grid, attr)
+
+
 class BundleShipper:
     """Sends the bundle to each data owner once; remembers who has it."""
 
@@ -153,6 +195,7 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path) -> dict:
 
 def _rounds(grid: Grid, cfg: Config, run_dir: Path, owner: ModelOwner, log: RunLog) -> None:
     strategy = strategies.build(cfg.strategy, cfg.num_clients, cfg.clients_per_round)
+    nodes = NodeDirectory(grid, cfg.round_timeout)
     shipper = BundleShipper(owner, cfg.bundle_transport, cfg.round_timeout)
     current = owner.initial
     log.start(owner.plugin_metrics(None), owner.emulator_metrics(current),
@@ -164,14 +207,16 @@ def _rounds(grid: Grid, cfg: Config, run_dir: Path, owner: ModelOwner, log: RunL
     checkpoints.mkdir(exist_ok=True)
     for rnd in range(1, cfg.rounds + 1):
         start = time.time()
+        nodes.refresh(cfg.clients_per_round)
         random.seed(cfg.seed * 100_003 + rnd)  # Flower samples nodes with `random`
         messages = list(strategy.configure_train(rnd, protocol.adapter_record(current),
-                                                 train_config, grid))
+                                                 train_config, nodes))
         sampled = {m.metadata.dst_node_id for m in messages}
         undelivered, bundles_sent = shipper.ship(grid, sampled)
         messages = [m for m in messages if m.metadata.dst_node_id not in undelivered]
         bytes_down = shipper.size * bundles_sent + protocol.adapter_bytes(current) * len(messages)
         replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
+        replies.sort(key=lambda r: nodes.key(r.metadata.src_node_id))  # arrival order varies
         ok = [r for r in replies if not r.has_error()]
         for r in replies:
             if r.has_error() and protocol.MISSING_BUNDLE in (r.error.reason or ""):
