@@ -128,6 +128,30 @@ def cmd_evaluate(args) -> None:
     print(json.dumps(record))
 
 
+def cmd_pretrain(args) -> None:
+    from .pretrain import PretrainConfig, pretrain
+
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    cfg = PretrainConfig(layers=args.layers, hidden=args.hidden, heads=args.heads, ffn=args.ffn,
+                         vocab=args.vocab, context=args.context, batch=args.batch, lr=args.lr,
+                         tokens=args.tokens, seed=args.seed)
+    card = pretrain(_existing_dir(args.data, "--data"), args.out, cfg, args.resume,
+                    command="fl-offsite " + " ".join(sys.argv[1:]), stop_at=args.stop_at)
+    if card is None:
+        print(f"stopped at step {args.stop_at}; continue with --resume")
+        return
+    print(f"{args.out}: {card['parameters']:,} parameters, {card['tokens_trained']:,} tokens, "
+          f"validation perplexity {card['validation_perplexity']:.1f}")
+
+
+def _existing_dir(path: Path, flag: str) -> Path:
+    if not path.is_dir():
+        raise UserError(f"{flag}: {path} is not a directory")
+    return path
+
+
 def _add_training_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--tuning", choices=["blocks", "lora", "bitfit", "full"], default="blocks",
@@ -200,6 +224,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("metrics.json"), help="metrics JSON file")
     p.add_argument("--dtype", **dtype)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("pretrain", help="pretrain a small OPT + BPE tokenizer on a folder of "
+                                        "text files (how the reference model was made)")
+    p.add_argument("--data", type=Path, required=True, help="folder of .txt files")
+    p.add_argument("--out", type=Path, required=True, help="model directory to write")
+    p.add_argument("--resume", action="store_true", help="continue from OUT.work/checkpoint.pt")
+    for flag, default in (("layers", 12), ("hidden", 128), ("heads", 4), ("ffn", 512),
+                          ("vocab", 8192), ("context", 128), ("batch", 32),
+                          ("tokens", 4_000_000), ("seed", 0), ("threads", 0)):
+        p.add_argument(f"--{flag}", type=int, default=default)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--stop-at", type=int, help="checkpoint and stop after this step")
+    p.set_defaults(func=cmd_pretrain)
 
     from .federation.cli import add_commands
     add_commands(sub)
