@@ -63,7 +63,8 @@ class TrainConfig(_Section):
 class StrategyConfig(_Section):
     name: str = "fedavg"
     proximal_mu: float = Field(0.01, ge=0.0, description="fedprox")
-    server_lr: float = Field(1.0, gt=0.0, description="fedavgm / fedadam / fedyogi / fedadagrad (eta)")
+    server_lr: float | None = Field(None, gt=0.0, description="fedavgm (default 1.0) / fedadam, "
+                                    "fedyogi, fedadagrad (eta, default 1e-3)")
     server_momentum: float = Field(0.9, ge=0.0, lt=1.0, description="fedavgm")
     eta_l: float = Field(0.0316, gt=0.0, description="fedadam / fedyogi / fedadagrad")
     beta_1: float = Field(0.9, ge=0.0, lt=1.0)
@@ -72,12 +73,17 @@ class StrategyConfig(_Section):
     trim_beta: float = Field(0.2, gt=0.0, lt=0.5, description="trimmed_mean")
     num_malicious: int = Field(0, ge=0, description="krum")
     krum_keep: int = Field(1, ge=1, description="krum: 1 = Krum, >1 = multi-Krum")
+    max_update_norm: float | None = Field(None, gt=0.0, description="reject larger updates")
+    clip_norm: float | None = Field(None, gt=0.0, description="clip each update to this norm")
 
 
 class FaultsConfig(_Section):
     """Fault drills: failures injected on purpose (off by default)."""
 
     crash: float = Field(0.0, ge=0.0, le=1.0, description="probability a sampled owner raises")
+    nan_update: float = Field(0.0, ge=0.0, le=1.0, description="fraction of uploads with NaN")
+    wrong_shape: float = Field(0.0, ge=0.0, le=1.0, description="fraction with a bad shape")
+    huge_norm: float = Field(0.0, ge=0.0, le=1.0, description="fraction scaled by 1e6")
     seed: int = 0
 
 
@@ -93,6 +99,8 @@ class Config(_Section):
     seed: int = 0
     num_clients: int = Field(8, ge=1)
     clients_per_round: int = Field(4, ge=1)
+    clients_fraction: float | None = Field(None, gt=0.0, le=1.0,
+                                           description="sample this fraction instead of a count")
     rounds: int = Field(3, ge=1)
     min_clients: int = Field(1, ge=1, description="valid uploads needed to update the adapter")
     round_timeout: float = Field(600.0, gt=0.0)
@@ -112,6 +120,9 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _consistent(self):
+        if self.clients_fraction is not None:
+            self.__dict__["clients_per_round"] = max(1, round(self.clients_fraction *
+                                                              self.num_clients))
         if self.clients_per_round > self.num_clients:
             raise ValueError(f"clients_per_round ({self.clients_per_round}) exceeds num_clients "
                              f"({self.num_clients}); lower it or add clients")

@@ -11,6 +11,10 @@ from flwr.serverapp import strategy as flwr_strategies
 
 from fl_offsite.errors import UserError
 
+# Server learning rate when strategy.server_lr is unset. Adaptive optimizers take steps of
+# about eta per coordinate, so their default is on the scale of an adapter's weight updates.
+SERVER_LR_DEFAULTS = {"fedavgm": 1.0, "fedadam": 1e-3, "fedyogi": 1e-3, "fedadagrad": 1e-3}
+
 # name -> (Flower class, {Flower argument: strategy config key})
 STRATEGIES: dict[str, tuple[type, dict[str, str]]] = {
     "fedavg": (flwr_strategies.FedAvg, {}),
@@ -39,7 +43,10 @@ def build(cfg, num_clients: int, clients_per_round: int):
     if cfg.name == "krum" and clients_per_round < 2 * cfg.num_malicious + 3:
         raise UserError(f"strategy.num_malicious: Krum needs clients_per_round >= "
                         f"2 * num_malicious + 3 = {2 * cfg.num_malicious + 3}")
+    values = {arg: getattr(cfg, key) for arg, key in params.items()}
+    if "server_lr" in params.values() and cfg.server_lr is None:
+        arg = next(a for a, k in params.items() if k == "server_lr")
+        values[arg] = SERVER_LR_DEFAULTS[cfg.name]
     return cls(fraction_train=clients_per_round / num_clients, fraction_evaluate=0.0,
                min_train_nodes=clients_per_round, min_evaluate_nodes=0,
-               min_available_nodes=clients_per_round,
-               **{arg: getattr(cfg, key) for arg, key in params.items()})
+               min_available_nodes=clients_per_round, **values)

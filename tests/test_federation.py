@@ -14,7 +14,7 @@ import strategies
 from fl_offsite import config as configs
 from fl_offsite.adapter import Adapter
 from fl_offsite.federation import protocol
-from fl_offsite.federation.client import injected_crash
+from fl_offsite.federation.client import injected_fault
 from fl_offsite.federation.simulation import simulate
 from fl_offsite.federation.runtime import new_run_dir
 
@@ -85,7 +85,7 @@ def test_a_crashing_data_owner_is_counted_and_the_round_goes_on(crashing_run):
     cfg, _, summary, _ = crashing_run
     faults = cfg.faults.model_dump()
     for record in summary["rounds"]:
-        crashed = sum(injected_crash(faults, record["round"], who) for who in range(3))
+        crashed = sum(injected_fault(faults, record["round"], who) == "crash" for who in range(3))
         assert record["clients_failed"] == crashed
         assert record["clients_ok"] == 3 - crashed
     assert sum(r["clients_failed"] for r in summary["rounds"]) > 0
@@ -146,3 +146,21 @@ def test_the_demo_improves_on_zero_shot(tmp_path):
     assert "round 2/2" in proc.stdout and "done: plug-in ppl" in proc.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds"][-1]["plugin"]["ppl"] < summary["zero_shot"]["ppl"]
+
+
+@pytest.mark.parametrize("name", ["fedprox", "fedadam", "median"])
+def test_strategy_families_end_to_end_with_corrupted_uploads(name, tmp_path):
+    """Proximal, server-optimizer and robust families; a third of the uploads are NaN."""
+    cfg = configs.load(None, {**BASE, "rounds": 2, "strategy": {"name": name},
+                              "train": {"lr": 0.002, "local_steps": 1, "batch_size": 4},
+                              "faults": {"nan_update": 0.34, "seed": 1}})
+    summary = simulate(cfg, new_run_dir(cfg, tmp_path / "run"))
+    faults = cfg.faults.model_dump()
+    for record in summary["rounds"]:
+        corrupted = sum(injected_fault(faults, record["round"], who) == "nan_update"
+                        for who in range(3))
+        assert record["clients_rejected"] == corrupted
+        assert all("non-finite" in r["reason"] for r in record["rejections"])
+        assert record["clients_ok"] == 3 - corrupted
+        assert math.isfinite(record["plugin"]["ppl"])
+    assert sum(r["clients_rejected"] for r in summary["rounds"]) > 0

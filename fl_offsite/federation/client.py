@@ -105,23 +105,44 @@ def _training_items(task: dict, context: Context, processor) -> list:
     return _DATA[key]
 
 
-def injected_crash(faults: dict, server_round: int, who: int) -> bool:
-    """Whether the fault drill crashes data owner ``who`` in ``server_round`` (seeded draw)."""
-    rate = faults.get("crash", 0.0)
-    return rate > 0 and random.Random(f"{faults['seed']}-{server_round}-{who}").random() < rate
+FAULT_KINDS = ("crash", "nan_update", "wrong_shape", "huge_norm")
 
 
-def _fault_drill(task: dict, server_round: int, context: Context) -> None:
-    who = int(context.node_config.get("partition-id", context.node_id))
-    if injected_crash(task.get("faults") or {}, server_round, who):
-        raise RuntimeError(f"fault drill: injected crash (round {server_round}, node {who})")
+def injected_fault(faults: dict, server_round: int, who: int) -> str | None:
+    """The fault the drill injects into data owner ``who`` in ``server_round``, if any.
+
+    One seeded draw per (round, owner); the kinds take consecutive slices of [0, 1).
+    """
+    draw = random.Random(f"{faults.get('seed', 0)}-{server_round}-{who}").random()
+    edge = 0.0
+    for kind in FAULT_KINDS:
+        edge += faults.get(kind, 0.0)
+        if draw < edge:
+            return kind
+    return None
+
+
+def _corrupt(tensors: dict, kind: str) -> dict:
+    """An upload broken the way the fault drill asks."""
+    key = sorted(tensors)[0]
+    tensors = dict(tensors)
+    if kind == "nan_update":
+        tensors[key] = tensors[key].clone().fill_(float("nan"))
+    elif kind == "wrong_shape":
+        tensors[key] = tensors[key].reshape(-1)[:-1].clone()
+    elif kind == "huge_norm":
+        tensors = {k: v * 1e6 for k, v in tensors.items()}
+    return tensors
 
 
 def train_adapter(msg: Message, context: Context) -> Message:
     start = time.time()
     cfg = msg.content["config"]
     task = json.loads(str(cfg["task"]))
-    _fault_drill(task, int(cfg.get("server-round", 0)), context)
+    who = int(context.node_config.get("partition-id", context.node_id))
+    fault = injected_fault(task.get("faults") or {}, int(cfg.get("server-round", 0)), who)
+    if fault == "crash":
+        raise RuntimeError(f"fault drill: injected crash (node {who})")
     bundle_hash = str(cfg["bundle-hash"])
     emulated = _cached_bundle(bundle_hash, context)
     processor = _PROCESSORS[bundle_hash]
@@ -139,6 +160,8 @@ def train_adapter(msg: Message, context: Context) -> Message:
                             prox_mu=float(cfg.get("proximal-mu", 0.0)))
     stats = train(emulated.model, items, train_cfg, getattr(processor, "pad_token_id", 0) or 0)
     trained = emulated.adapter()
+    if fault is not None:
+        trained = trained.with_tensors(_corrupt(trained.tensors, fault))
     metrics = MetricRecord({"num-examples": len(items), "train_loss": stats["train_loss"],
                             "train_loss_last": stats["train_loss_last"],
                             "steps": stats["steps"], "seconds": time.time() - start})

@@ -18,6 +18,7 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 import strategies
+from strategies.validation import screen
 
 from .. import adapter as adapters
 from .. import data
@@ -100,6 +101,10 @@ class ModelOwner:
 
 def _update_norm(old: dict, new: dict) -> float:
     return math.sqrt(sum(float((new[k].double() - old[k].double()).pow(2).sum()) for k in old))
+
+
+def _upload_bytes(reply: Message) -> int:
+    return sum(protocol.record_bytes(a) for a in reply.content.array_records.values())
 
 
 def _train_losses(replies: list[Message]) -> dict:
@@ -221,11 +226,18 @@ def _rounds(grid: Grid, cfg: Config, run_dir: Path, owner: ModelOwner, log: RunL
         for r in replies:
             if r.has_error() and protocol.MISSING_BUNDLE in (r.error.reason or ""):
                 shipper.forget(r.metadata.src_node_id)
-        bytes_up = sum(protocol.record_bytes(r.content["arrays"]) for r in ok)
-        updated = len(ok) >= cfg.min_clients
+        bytes_up = sum(_upload_bytes(r) for r in ok)
+        reference = protocol.record_tensors(protocol.adapter_record(current))
+        valid, rejected = screen(ok, reference, cfg.strategy.max_update_norm,
+                                 cfg.strategy.clip_norm)
+        for rejection in rejected:
+            print(f"round {rnd}: rejected the upload of data owner "
+                  f"{nodes.names.get(rejection.node_id, rejection.node_id)}: {rejection.reason}",
+                  flush=True)
+        updated = len(valid) >= cfg.min_clients
         previous = current
         if updated:
-            aggregated, _ = strategy.aggregate_train(rnd, ok)
+            aggregated, _ = strategy.aggregate_train(rnd, valid)
             tensors = {k: v.to(previous.tensors[k].dtype)
                        for k, v in protocol.record_tensors(aggregated).items()}
             current = previous.with_tensors(tensors)
@@ -234,10 +246,13 @@ def _rounds(grid: Grid, cfg: Config, run_dir: Path, owner: ModelOwner, log: RunL
             "plugin": owner.plugin_metrics(current),
             "emulator": owner.emulator_metrics(current) if cfg.evaluate_emulator else {},
             "clients_sampled": len(sampled),
-            "clients_ok": len(ok),
+            "clients_ok": len(valid),
             "clients_failed": len(sampled) - len(ok),
+            "clients_rejected": len(rejected),
+            "rejections": [{"node": nodes.names.get(r.node_id, str(r.node_id)),
+                            "reason": r.reason} for r in rejected],
             "updated": updated,
-            "train_loss": _train_losses(ok),
+            "train_loss": _train_losses(valid),
             "update_norm": _update_norm(previous.tensors, current.tensors),
             "bundles_sent": bundles_sent,
             "bytes_down": bytes_down,

@@ -6,7 +6,7 @@ TensorBoard tags (step = round; round 0 is before any tuning):
 - ``emulator/<metric>``: the emulator with the same adapter (the gap to plug-in is what
   protects the model owner);
 - ``zero_shot/<metric>``: the untouched full model, a constant reference line;
-- ``clients/train_loss_mean|min|max``, ``clients/ok``, ``clients/failed``;
+- ``clients/train_loss_mean|min|max``, ``clients/ok``, ``clients/failed``, ``clients/rejected``;
 - ``traffic/bytes_down_total``, ``traffic/bytes_up_total`` (cumulative, payload bytes);
 - ``aggregate/update_norm``: L2 norm of the change of the global adapter in the round;
 - ``round/seconds``; and the resolved config as text under ``config``.
@@ -59,6 +59,7 @@ class RunLog:
         self._scalars("emulator", record["emulator"], step)
         self._scalars("zero_shot", self.summary["zero_shot"], step)
         self._scalars("clients", {"ok": record["clients_ok"], "failed": record["clients_failed"],
+                                  "rejected": record["clients_rejected"],
                                   **{f"train_loss_{k}": v for k, v in record["train_loss"].items()}},
                       step)
         self._scalars("traffic", {"bytes_down_total": self.bytes_down,
@@ -70,8 +71,9 @@ class RunLog:
         self.save()
         main = record["plugin"].get(self.metric, float("nan"))
         emu = record["emulator"].get(self.metric, float("nan"))
+        rejected = f", {record['clients_rejected']} rejected" if record["clients_rejected"] else ""
         print(f"round {step}/{total_rounds}: clients {record['clients_ok']} ok, "
-              f"{record['clients_failed']} failed | plug-in {self.metric} {main:.4g} "
+              f"{record['clients_failed']} failed{rejected} | plug-in {self.metric} {main:.4g} "
               f"(zero-shot {self.summary['zero_shot'].get(self.metric, float('nan')):.4g}) | "
               f"emulator {self.metric} {emu:.4g} | {record['seconds']:.1f}s"
               + ("" if record["updated"] else " | adapter kept (too few valid uploads)"),
