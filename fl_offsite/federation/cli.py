@@ -11,15 +11,29 @@ OFFSITE_OVERRIDES = {"num_clients": 1, "clients_per_round": 1, "min_clients": 1,
 
 def _run(args, extra: dict | None = None) -> None:
     from .. import config as configs
-    from .runtime import new_run_dir, preflight
+    from ..errors import UserError
+    from ..fileio import atomic_write_bytes
+    from .runtime import check_resumable, new_run_dir, preflight, resume_config
     from .simulation import simulate
 
     overrides = dict(configs.parse_override(o) for o in args.set or [])
     overrides.update(extra or {})
-    cfg = configs.load(args.config, overrides)
-    preflight(cfg)
-    run_dir = new_run_dir(cfg, args.out)
-    summary = simulate(cfg, run_dir, verbose=args.verbose)
+    if args.resume:
+        if args.config or args.out:
+            raise UserError("--resume: takes the run directory's own config; drop "
+                                    "--config/--out (use --set to change e.g. rounds)")
+        run_dir = args.resume
+        cfg = resume_config(run_dir, overrides)
+        preflight(cfg)
+        check_resumable(run_dir, cfg)
+        atomic_write_bytes(run_dir / "config.yaml", configs.dump(cfg).encode())
+    else:
+        if not args.config:
+            raise UserError("--config: required (or --resume RUN_DIR)")
+        cfg = configs.load(args.config, overrides)
+        preflight(cfg)
+        run_dir = new_run_dir(cfg, args.out)
+    summary = simulate(cfg, run_dir, verbose=args.verbose, resume=bool(args.resume))
     metric = summary["main_metric"]
     last = summary["rounds"][-1]["plugin"].get(metric)
     print(f"done: plug-in {metric} {last:.4g} vs zero-shot {summary['zero_shot'][metric]:.4g}; "
@@ -42,7 +56,9 @@ def cmd_report(args) -> None:
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="YAML run config, e.g. configs/demo.yaml")
+    p.add_argument("--config", help="YAML run config, e.g. configs/demo.yaml")
+    p.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                   help="continue an interrupted run after its last complete round")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config key (dotted), e.g. --set rounds=2 --set "
                         "strategy.name=fedprox; repeatable")

@@ -44,6 +44,23 @@ def new_run_dir(cfg: configs.Config, out: str | Path | None) -> Path:
     return run_dir
 
 
+def resume_config(run_dir: Path, overrides: dict) -> configs.Config:
+    """The config of an interrupted run, with ``overrides`` (e.g. more rounds) applied."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise UserError(f"--resume: {run_dir} is not a run directory (no config.yaml)")
+    return configs.load(path, overrides)
+
+
+def check_resumable(run_dir: Path, cfg: configs.Config) -> None:
+    """Refuse, before anything is written, a run directory this config cannot continue."""
+    from ..bundle import read_info
+    from . import checkpoint
+
+    bundle = Path(cfg.bundle) if cfg.bundle else Path(run_dir) / "bundle"
+    checkpoint.check(Path(run_dir), checkpoint.fingerprint(cfg, read_info(bundle).bundle_hash))
+
+
 def config_from_run_config(run_config: dict) -> tuple[configs.Config, str | None]:
     """Flower run config -> (Config, run dir): ``config`` names the YAML, the rest override it."""
     overrides = dict(run_config)

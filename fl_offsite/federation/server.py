@@ -32,14 +32,14 @@ from ..evaluate import evaluate
 from ..fileio import tensors_hash
 from ..models import load_model, load_processor
 from ..plan import make_plan
-from . import protocol
+from . import checkpoint, protocol
 from .tracking import RunLog
 
 
 class ModelOwner:
     """The full model, its bundle, the emulator copy for measuring the gap, and the eval data."""
 
-    def __init__(self, cfg: Config, run_dir: Path):
+    def __init__(self, cfg: Config, run_dir: Path, resume: bool = False):
         self.cfg = cfg
         self.model = load_model(cfg.model, cfg.dtype)
         self.arch = resolve(self.model)
@@ -47,6 +47,8 @@ class ModelOwner:
         shared, blocks = split_state(self.model, self.arch)
         if cfg.bundle:
             self.bundle_dir = Path(cfg.bundle)
+        elif resume and (run_dir / "bundle" / "offsite.json").is_file():
+            self.bundle_dir = run_dir / "bundle"  # written atomically by the interrupted run
         else:
             self.bundle_dir = run_dir / "bundle"
             plan = make_plan(len(blocks), cfg.split.adapter_bottom, cfg.split.adapter_top,
@@ -186,31 +188,40 @@ class BundleShipper:
         self.delivered.discard(node_id)
 
 
-def run_federation(grid: Grid, cfg: Config, run_dir: Path) -> dict:
-    """Run all rounds; returns the summary (also in ``run_dir/summary.json``)."""
+def run_federation(grid: Grid, cfg: Config, run_dir: Path, resume: bool = False) -> dict:
+    """Run all rounds (with ``resume``: those after the checkpoint); returns the summary (also
+    in ``run_dir/summary.json``)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    owner = ModelOwner(cfg, run_dir)
+    owner = ModelOwner(cfg, run_dir, resume)
     log = RunLog(run_dir, dump(cfg), owner.eval_data.kind)
     try:
-        _rounds(grid, cfg, run_dir, owner, log)
+        _rounds(grid, cfg, run_dir, owner, log, resume)
     finally:
         log.close()
     return log.summary
 
 
-def _rounds(grid: Grid, cfg: Config, run_dir: Path, owner: ModelOwner, log: RunLog) -> None:
+def _rounds(grid: Grid, cfg: Config, run_dir: Path, owner: ModelOwner, log: RunLog,
+            resume: bool) -> None:
     strategy = strategies.build(cfg.strategy, cfg.num_clients, cfg.clients_per_round)
     nodes = NodeDirectory(grid, cfg.round_timeout)
     shipper = BundleShipper(owner, cfg.bundle_transport, cfg.round_timeout)
-    current = owner.initial
-    log.start(owner.plugin_metrics(None), owner.emulator_metrics(current),
-              {"path": str(owner.bundle_dir), "hash": owner.info.bundle_hash,
-               "bytes": shipper.size, "notation": owner.info.plan.notation(),
-               "adapter_bytes": protocol.adapter_bytes(current)})
+    run_print = checkpoint.fingerprint(cfg, owner.info.bundle_hash)
+    if resume:
+        state = checkpoint.load(run_dir, strategy, run_print)
+        log.resume(state.round, state.bytes_down_total, state.bytes_up_total)
+        current, first_round = state.adapter, state.round + 1
+        print(f"resuming after round {state.round}", flush=True)
+    else:
+        current, first_round = owner.initial, 1
+        log.start(owner.plugin_metrics(None), owner.emulator_metrics(current),
+                  {"path": str(owner.bundle_dir), "hash": owner.info.bundle_hash,
+                   "bytes": shipper.size, "notation": owner.info.plan.notation(),
+                   "adapter_bytes": protocol.adapter_bytes(current)})
     train_config = protocol.task_config(owner.info.bundle_hash, owner.task())
     checkpoints = run_dir / "checkpoints"
     checkpoints.mkdir(exist_ok=True)
-    for rnd in range(1, cfg.rounds + 1):
+    for rnd in range(first_round, cfg.rounds + 1):
         start = time.time()
         nodes.refresh(cfg.clients_per_round)
         random.seed(cfg.seed * 100_003 + rnd)  # Flower samples nodes with `random`
@@ -263,4 +274,6 @@ def _rounds(grid: Grid, cfg: Config, run_dir: Path, owner: ModelOwner, log: RunL
             old.unlink()
         current.save(run_dir / "adapter.safetensors")
         record["seconds"] = time.time() - start
-        log.round(record, cfg.rounds)
+        log.round(record, cfg.rounds)  # summary first: a checkpoint never runs ahead of it
+        checkpoint.save(run_dir, checkpoint.RunState(rnd, current, log.bytes_down, log.bytes_up),
+                        strategy, run_print)

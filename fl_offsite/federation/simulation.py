@@ -58,7 +58,7 @@ def _short_link(target: Path):
         link.parent.rmdir()
 
 
-def simulate(cfg: Config, run_dir: Path, verbose: bool = False) -> dict:
+def simulate(cfg: Config, run_dir: Path, verbose: bool = False, resume: bool = False) -> dict:
     """Run the federation on Flower's Ray backend; returns the run summary."""
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
@@ -72,7 +72,7 @@ def simulate(cfg: Config, run_dir: Path, verbose: bool = False) -> dict:
 
     @server_app.main()
     def _main(grid, context) -> None:
-        result.update(run_federation(grid, cfg, run_dir))
+        result.update(run_federation(grid, cfg, run_dir, resume))
 
     cache = run_dir / "cache"
     if not verbose:

@@ -24,14 +24,18 @@ MAIN_METRIC = {"lm": "ppl", "multiple-choice": "acc", "image": "acc"}
 
 class RunLog:
     def __init__(self, run_dir: Path, config_text: str, task_kind: str):
-        from torch.utils.tensorboard import SummaryWriter
-
         self.run_dir = run_dir
+        self.config_text = config_text
         self.metric = MAIN_METRIC[task_kind]
-        self.writer = SummaryWriter(str(run_dir / "tensorboard"))
-        self.writer.add_text("config", "```\n" + config_text + "\n```", 0)
+        self.writer = None
         self.summary: dict = {"task": task_kind, "main_metric": self.metric}
         self.bytes_down = self.bytes_up = 0
+
+    def _open_writer(self, purge_step: int | None = None) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=purge_step)
+        self.writer.add_text("config", "```\n" + self.config_text + "\n```", purge_step or 0)
 
     def _scalars(self, prefix: str, metrics: dict, step: int) -> None:
         for key, value in metrics.items():
@@ -39,6 +43,7 @@ class RunLog:
                 self.writer.add_scalar(f"{prefix}/{key}", value, step)
 
     def start(self, zero_shot: dict, emulator_zero_shot: dict, bundle: dict) -> None:
+        self._open_writer()
         self.summary.update({"zero_shot": zero_shot, "emulator_zero_shot": emulator_zero_shot,
                              "bundle": bundle, "rounds": []})
         self._scalars("plugin", zero_shot, 0)
@@ -48,6 +53,17 @@ class RunLog:
         print(f"zero-shot {self.metric} {zero_shot.get(self.metric, float('nan')):.4g}, "
               f"emulator zero-shot {emulator_zero_shot.get(self.metric, float('nan')):.4g} "
               f"(bundle {bundle['notation']}, {bundle['bytes'] / 1e6:.2f} MB)", flush=True)
+
+    def resume(self, last_round: int, bytes_down: int, bytes_up: int) -> None:
+        """Continue after ``last_round``: later rounds in summary.json and TensorBoard (from a
+        crash mid-round) are dropped."""
+        import json
+
+        self.summary = json.loads((self.run_dir / "summary.json").read_text())
+        self.summary["rounds"] = [r for r in self.summary["rounds"] if r["round"] <= last_round]
+        self.bytes_down, self.bytes_up = bytes_down, bytes_up
+        self._open_writer(purge_step=last_round + 1)
+        self.save()
 
     def round(self, record: dict, total_rounds: int) -> None:
         step = record["round"]
@@ -83,4 +99,5 @@ class RunLog:
         atomic_write_json(self.run_dir / "summary.json", self.summary)
 
     def close(self) -> None:
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
