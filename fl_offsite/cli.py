@@ -120,6 +120,20 @@ def cmd_evaluate(args) -> None:
         processor = load_processor(args.model)
         model = plugged_model(args.model, adapter, args.dtype) if adapter else \
             load_model(args.model, args.dtype)
+    if args.lm_eval_tasks:
+        try:
+            from .lm_eval_adapter import run_tasks
+        except ImportError:
+            raise UserError("--lm-eval-tasks: lm-eval is not installed; pip install "
+                            "'fl-offsite[lm-eval]'") from None
+        record = {"model": args.model or args.bundle, "adapter": args.adapter,
+                  "lm_eval": run_tasks(model, processor, args.lm_eval_tasks.split(","),
+                                       args.max_examples)}
+        atomic_write_json(args.out, record)
+        print(json.dumps(record))
+        return
+    if not args.data:
+        raise UserError("evaluate: give --data (or --lm-eval-tasks)")
     task = data.prepare(args.data, args.split, processor, args.block_size, args.max_examples)
     metrics = evaluate(model, task, processor)
     record = {"model": args.model or args.bundle, "adapter": args.adapter, "data": args.data,
@@ -170,8 +184,8 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lora-dropout", type=float, default=0.0)
 
 
-def _add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True,
+def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--data", required=required,
                    help="local file or directory (train/validation/test .jsonl, .csv, .parquet, "
                         ".txt) or a hub dataset name[:config]")
     p.add_argument("--block-size", type=_positive_int, default=128,
@@ -219,7 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="full model (with --adapter: plugged in)")
     p.add_argument("--bundle", help="emulated model (with --adapter: the adapter on the emulator)")
     p.add_argument("--adapter", help="adapter file or bundle directory")
-    _add_data_args(p)
+    _add_data_args(p, required=False)
+    p.add_argument("--lm-eval-tasks", help="comma-separated lm-eval task names (needs the "
+                                          "lm-eval extra and hub access), instead of --data")
     p.add_argument("--split", default="test")
     p.add_argument("--out", type=Path, default=Path("metrics.json"), help="metrics JSON file")
     p.add_argument("--dtype", **dtype)

@@ -52,29 +52,34 @@ def classification_accuracy(model, items: list[dict], batch_size: int = 32) -> f
 
 
 @torch.no_grad()
-def choice_loglikelihoods(model, tokenizer, context: str, choices: list[str],
-                          max_length: int = 512) -> list[float]:
-    """Summed log p(choice | context) for each choice, in one padded batch."""
+def score_continuations(model, pairs: list[tuple[list[int], list[int]]], pad_id: int = 0,
+                        max_length: int = 512) -> list[tuple[float, bool]]:
+    """(summed log p(continuation | context), whether it is the greedy continuation) for each
+    (context ids, continuation ids) pair, in one right-padded batch."""
     device = _device(model)
-    ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
-    if not ctx and tokenizer.bos_token_id is not None:
-        ctx = [tokenizer.bos_token_id]
-    seqs, spans = [], []
-    for choice in choices:
-        cont = tokenizer(choice, add_special_tokens=False)["input_ids"]
-        ids = (ctx + cont)[-max_length:]
-        seqs.append(ids)
-        spans.append(len(cont))
+    seqs = [(ctx + cont)[-max_length:] for ctx, cont in pairs]
     width = max(map(len, seqs))
-    pad = tokenizer.pad_token_id or 0
-    ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=device)
+    ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in seqs], device=device)
     mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
     logprobs = model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
     out = []
-    for row, (seq, n) in enumerate(zip(seqs, spans)):
+    for row, (seq, (_, cont)) in enumerate(zip(seqs, pairs)):
+        n = min(len(cont), len(seq) - 1)
         positions = torch.arange(len(seq) - n, len(seq), device=device)
-        out.append(float(logprobs[row, positions - 1, ids[row, positions]].sum()))
+        step = logprobs[row, positions - 1]
+        targets = ids[row, positions]
+        out.append((float(step.gather(1, targets[:, None]).sum()),
+                    bool((step.argmax(-1) == targets).all())))
     return out
+
+
+def choice_loglikelihoods(model, tokenizer, context: str, choices: list[str]) -> list[float]:
+    """Summed log p(choice | context) for each choice (an empty context starts from BOS)."""
+    ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+    if not ctx and tokenizer.bos_token_id is not None:
+        ctx = [tokenizer.bos_token_id]
+    pairs = [(ctx, tokenizer(c, add_special_tokens=False)["input_ids"]) for c in choices]
+    return [ll for ll, _ in score_continuations(model, pairs, tokenizer.pad_token_id or 0)]
 
 
 def multiple_choice_metrics(model, tokenizer, raw) -> dict[str, float]:

@@ -216,3 +216,17 @@ def test_plug_refuses_an_adapter_of_another_model(opt_bundle):
     other = tiny_model("opt", seed=9)
     with pytest.raises(UserError, match="source hash"):
         adapters.plug(other, resolve(other), adapter)
+
+
+def test_fedprox_term_keeps_the_adapter_near_its_start(tmp_path):
+    model = tiny_model("opt")
+    write_bundle(model, make_plan(8, 2, 2, 2), tmp_path / "b", "tiny")
+    distances = {}
+    for mu in (0.0, 1e4):
+        emulated = EmulatedModel(tmp_path / "b")
+        start = emulated.prepare("blocks").tensors
+        train(emulated.model, training_items(model), TrainConfig(lr=1e-2, max_steps=5,
+                                                                 batch_size=4, prox_mu=mu))
+        end = emulated.adapter().tensors
+        distances[mu] = sum(float((end[k] - start[k]).pow(2).sum()) for k in start) ** 0.5
+    assert distances[1e4] < 0.5 * distances[0.0]

@@ -164,3 +164,24 @@ def test_strategy_families_end_to_end_with_corrupted_uploads(name, tmp_path):
         assert record["clients_ok"] == 3 - corrupted
         assert math.isfinite(record["plugin"]["ppl"])
     assert sum(r["clients_rejected"] for r in summary["rounds"]) > 0
+
+
+def test_report_renders_the_curves(crashing_run, capsys):
+    from fl_offsite.cli import main
+
+    _, run_dir, _, _ = crashing_run
+    assert main(["report", str(run_dir)]) == 0
+    for name in ("report_metric.png", "report_client_loss.png", "report_traffic.png"):
+        assert (run_dir / name).read_bytes()[:4] == b"\x89PNG"
+    assert main(["report", str(run_dir / "checkpoints")]) == 2
+    assert "no summary.json" in capsys.readouterr().err
+
+
+def test_a_round_without_enough_valid_uploads_keeps_the_adapter(tmp_path, capsys):
+    cfg = configs.load(None, {**BASE, "num_clients": 2, "clients_per_round": 2, "rounds": 1,
+                              "faults": {"nan_update": 1.0}})
+    summary = simulate(cfg, new_run_dir(cfg, tmp_path / "run"))
+    (record,) = summary["rounds"]
+    assert record["clients_rejected"] == 2 and not record["updated"]
+    assert record["update_norm"] == 0.0
+    assert "adapter kept" in capsys.readouterr().out

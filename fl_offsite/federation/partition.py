@@ -12,6 +12,9 @@ def partition(ds, num_partitions: int, partition_id: int, name: str = "iid", by:
     """Rows of ``ds`` that belong to data owner ``partition_id`` (deterministic for ``seed``)."""
     if not 0 <= partition_id < num_partitions:
         raise UserError(f"partition-id: {partition_id} is outside 0..{num_partitions - 1}")
+    if len(ds) < num_partitions:
+        raise UserError(f"partition: {len(ds)} rows cannot give {num_partitions} data owners an "
+                        "example each (every data owner would need one); lower num_clients")
     if name != "iid" and by not in ds.column_names:
         raise UserError(f"partition.by: column {by!r} is not in the data (columns: "
                         f"{', '.join(ds.column_names)}); set partition.by or use partition.name=iid")
@@ -29,7 +32,7 @@ def partition(ds, num_partitions: int, partition_id: int, name: str = "iid", by:
     partitioner.dataset = ds
     try:
         part = partitioner.load_partition(partition_id)
-    except ValueError as exc:
+    except (ValueError, IndexError) as exc:
         raise UserError(f"partition: {name} cannot split {len(ds)} rows into {num_partitions} "
                         f"parts ({exc}); lower num_clients or change partition.name") from None
     if len(part) == 0:
