@@ -84,6 +84,8 @@ class FaultsConfig(_Section):
     nan_update: float = Field(0.0, ge=0.0, le=1.0, description="fraction of uploads with NaN")
     wrong_shape: float = Field(0.0, ge=0.0, le=1.0, description="fraction with a bad shape")
     huge_norm: float = Field(0.0, ge=0.0, le=1.0, description="fraction scaled by 1e6")
+    hang: float = Field(0.0, ge=0.0, le=1.0, description="probability an owner sleeps past "
+                                                        "the round timeout")
     seed: int = 0
 
 
@@ -103,7 +105,9 @@ class Config(_Section):
                                            description="sample this fraction instead of a count")
     rounds: int = Field(3, ge=1)
     min_clients: int = Field(1, ge=1, description="valid uploads needed to update the adapter")
-    round_timeout: float = Field(600.0, gt=0.0)
+    round_timeout: float = Field(600.0, gt=0.0, description="seconds to wait for training replies")
+    connect_timeout: float = Field(300.0, gt=0.0, description="seconds to wait for data owners "
+                                   "to answer hello and take the bundle (covers cold start)")
     bundle: str | None = Field(None, description="reuse this bundle instead of building one")
     bundle_transport: Literal["shared-path", "message"] = "shared-path"
     keep_checkpoints: int = Field(2, ge=1)

@@ -185,3 +185,16 @@ def test_a_round_without_enough_valid_uploads_keeps_the_adapter(tmp_path, capsys
     assert record["clients_rejected"] == 2 and not record["updated"]
     assert record["update_norm"] == 0.0
     assert "adapter kept" in capsys.readouterr().out
+
+
+def test_a_hanging_data_owner_times_out_and_the_run_goes_on(tmp_path):
+    cfg = configs.load(None, {**BASE, "rounds": 2, "round_timeout": 6,
+                              "faults": {"hang": 0.34, "seed": 4}})
+    faults = cfg.faults.model_dump()
+    hangs = [[injected_fault(faults, rnd, who) == "hang" for who in range(3)] for rnd in (1, 2)]
+    assert any(map(any, hangs)), "pick a seed where someone hangs"
+    summary = simulate(cfg, new_run_dir(cfg, tmp_path / "run"))
+    for record, hung in zip(summary["rounds"], hangs):
+        assert record["clients_failed"] >= sum(hung)
+        assert record["clients_ok"] + record["clients_failed"] == 3
+    assert summary["rounds"][0]["clients_failed"] == sum(hangs[0])

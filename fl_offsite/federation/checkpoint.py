@@ -25,7 +25,8 @@ from ..fileio import load_tensors, save_tensors
 
 FILE = "checkpoint.safetensors"
 # keys that may change when a run is resumed (more rounds, other machine or resources)
-RESUMABLE = {"rounds", "round_timeout", "keep_checkpoints", "ray_address", "resources"}
+RESUMABLE = {"rounds", "round_timeout", "connect_timeout", "keep_checkpoints", "ray_address",
+             "resources"}
 
 
 def fingerprint(cfg: Config, bundle_hash: str) -> str:

@@ -98,6 +98,7 @@ class ModelOwner:
                       "mixed_precision": t.mixed_precision},
             "seed": cfg.seed,
             "faults": cfg.faults.model_dump(),
+            "round_timeout": cfg.round_timeout,
         }
 
 
@@ -143,7 +144,7 @@ class NodeDirectory:
                 return
             if time.time() > deadline:
                 raise RuntimeError(f"only {len(self.names)} of {wanted} data owners answered "
-                                   f"within round_timeout={self.timeout}s")
+                                   f"within connect_timeout={self.timeout}s")
             time.sleep(0.5)
 
     def key(self, node_id: int):
@@ -204,8 +205,8 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path, resume: bool = False)
 def _rounds(grid: Grid, cfg: Config, run_dir: Path, owner: ModelOwner, log: RunLog,
             resume: bool) -> None:
     strategy = strategies.build(cfg.strategy, cfg.num_clients, cfg.clients_per_round)
-    nodes = NodeDirectory(grid, cfg.round_timeout)
-    shipper = BundleShipper(owner, cfg.bundle_transport, cfg.round_timeout)
+    nodes = NodeDirectory(grid, cfg.connect_timeout)
+    shipper = BundleShipper(owner, cfg.bundle_transport, cfg.connect_timeout)
     run_print = checkpoint.fingerprint(cfg, owner.info.bundle_hash)
     if resume:
         state = checkpoint.load(run_dir, strategy, run_print)
