@@ -89,6 +89,14 @@ class FaultsConfig(_Section):
     seed: int = 0
 
 
+class DPConfig(_Section):
+    """Client-side differential privacy on each upload (off while noise_multiplier is 0)."""
+
+    clip_norm: float = Field(1.0, gt=0.0, description="L2 bound of each adapter update")
+    noise_multiplier: float = Field(0.0, ge=0.0, description="noise std / clip_norm")
+    delta: float = Field(1e-5, gt=0.0, lt=1.0)
+
+
 class ResourcesConfig(_Section):
     num_cpus: float = Field(1.0, gt=0.0)
     num_gpus: float = Field(0.0, ge=0.0)
@@ -121,6 +129,7 @@ class Config(_Section):
     strategy: StrategyConfig = StrategyConfig()
     resources: ResourcesConfig = ResourcesConfig()
     faults: FaultsConfig = FaultsConfig()
+    dp: DPConfig = DPConfig()
 
     @model_validator(mode="after")
     def _consistent(self):

@@ -198,3 +198,13 @@ def test_a_hanging_data_owner_times_out_and_the_run_goes_on(tmp_path):
         assert record["clients_failed"] >= sum(hung)
         assert record["clients_ok"] + record["clients_failed"] == 3
     assert summary["rounds"][0]["clients_failed"] == sum(hangs[0])
+
+
+def test_client_side_dp_reports_the_privacy_spent(tmp_path):
+    cfg = configs.load(None, {**BASE, "rounds": 2, "dp": {"clip_norm": 0.5,
+                                                           "noise_multiplier": 1.0}})
+    summary = simulate(cfg, new_run_dir(cfg, tmp_path / "run"))
+    first, second = summary["rounds"]
+    assert 0 < first["dp"]["epsilon"] < second["dp"]["epsilon"]
+    assert second["dp"]["max_participations"] == 2 and second["dp"]["delta"] == 1e-5
+    assert all(r["update_norm"] > 0 and math.isfinite(r["plugin"]["ppl"]) for r in (first, second))

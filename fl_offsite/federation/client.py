@@ -153,8 +153,8 @@ def train_adapter(msg: Message, context: Context) -> Message:
     emulated.prepare(tuning["kind"], lora, seed=task["seed"])
     dtypes = {k: v.dtype for k, v in emulated.adapter().tensors.items()}
     received = protocol.record_tensors(msg.content["arrays"])
-    emulated.set_adapter(emulated.adapter().with_tensors(
-        {k: v.to(dtypes[k]) if k in dtypes else v for k, v in received.items()}))
+    global_tensors = {k: v.to(dtypes[k]) if k in dtypes else v for k, v in received.items()}
+    emulated.set_adapter(emulated.adapter().with_tensors(global_tensors))
     items = _training_items(task, context, processor)
     round_seed = task["seed"] + 1000 * int(cfg.get("server-round", 0)) + \
         int(context.node_config.get("partition-id", 0))
@@ -162,6 +162,11 @@ def train_adapter(msg: Message, context: Context) -> Message:
                             prox_mu=float(cfg.get("proximal-mu", 0.0)))
     stats = train(emulated.model, items, train_cfg, getattr(processor, "pad_token_id", 0) or 0)
     trained = emulated.adapter()
+    if task.get("dp"):
+        from .privacy import privatize
+        dp = task["dp"]
+        trained = trained.with_tensors(privatize(trained.tensors, global_tensors,
+                                                 dp["clip_norm"], dp["noise_multiplier"]))
     if fault is not None:
         trained = trained.with_tensors(_corrupt(trained.tensors, fault))
     metrics = MetricRecord({"num-examples": len(items), "train_loss": stats["train_loss"],

@@ -98,12 +98,25 @@ class ModelOwner:
                       "mixed_precision": t.mixed_precision},
             "seed": cfg.seed,
             "faults": cfg.faults.model_dump(),
+            "dp": cfg.dp.model_dump() if cfg.dp.noise_multiplier > 0 else None,
             "round_timeout": cfg.round_timeout,
         }
 
 
 def _update_norm(old: dict, new: dict) -> float:
     return math.sqrt(sum(float((new[k].double() - old[k].double()).pow(2).sum()) for k in old))
+
+
+def _privacy_spent(rounds: list[dict], dp) -> dict:
+    """(epsilon, delta) of the data owner that has uploaded most often so far."""
+    from collections import Counter
+
+    from .privacy import epsilon
+
+    counts = Counter(name for r in rounds for name in r.get("participants", []))
+    most = max(counts.values(), default=0)
+    return {"epsilon": epsilon(most, dp.noise_multiplier, dp.delta), "delta": dp.delta,
+            "max_participations": most}
 
 
 def _upload_bytes(reply: Message) -> int:
@@ -266,6 +279,7 @@ def _rounds(grid: Grid, cfg: Config, run_dir: Path, owner: ModelOwner, log: RunL
             "updated": updated,
             "train_loss": _train_losses(valid),
             "update_norm": _update_norm(previous.tensors, current.tensors),
+            "participants": sorted(nodes.names.get(r.metadata.src_node_id, "?") for r in ok),
             "bundles_sent": bundles_sent,
             "bytes_down": bytes_down,
             "bytes_up": bytes_up,
@@ -274,6 +288,8 @@ def _rounds(grid: Grid, cfg: Config, run_dir: Path, owner: ModelOwner, log: RunL
         for old in sorted(checkpoints.glob("round-*.safetensors"))[:-cfg.keep_checkpoints]:
             old.unlink()
         current.save(run_dir / "adapter.safetensors")
+        if cfg.dp.noise_multiplier > 0:
+            record["dp"] = _privacy_spent(log.summary["rounds"] + [record], cfg.dp)
         record["seconds"] = time.time() - start
         log.round(record, cfg.rounds)  # summary first: a checkpoint never runs ahead of it
         checkpoint.save(run_dir, checkpoint.RunState(rnd, current, log.bytes_down, log.bytes_up),

@@ -9,7 +9,7 @@ TensorBoard tags (step = round; round 0 is before any tuning):
 - ``clients/train_loss_mean|min|max``, ``clients/ok``, ``clients/failed``, ``clients/rejected``;
 - ``traffic/bytes_down_total``, ``traffic/bytes_up_total`` (cumulative, payload bytes);
 - ``aggregate/update_norm``: L2 norm of the change of the global adapter in the round;
-- ``round/seconds``; and the resolved config as text under ``config``.
+- ``round/seconds``; ``privacy/epsilon`` with client-side DP; and the resolved config as text under ``config``.
 """
 
 from __future__ import annotations
@@ -82,6 +82,8 @@ class RunLog:
                                   "bytes_up_total": self.bytes_up}, step)
         self._scalars("aggregate", {"update_norm": record["update_norm"]}, step)
         self._scalars("round", {"seconds": record["seconds"]}, step)
+        if "dp" in record:
+            self._scalars("privacy", {"epsilon": record["dp"]["epsilon"]}, step)
         self.writer.flush()
         self.summary["rounds"].append(record)
         self.save()
