@@ -86,6 +86,8 @@ class FaultsConfig(_Section):
     huge_norm: float = Field(0.0, ge=0.0, le=1.0, description="fraction scaled by 1e6")
     hang: float = Field(0.0, ge=0.0, le=1.0, description="probability an owner sleeps past "
                                                         "the round timeout")
+    die: float = Field(0.0, ge=0.0, le=1.0, description="probability an owner's worker "
+                                                       "process exits hard")
     seed: int = 0
 
 

@@ -208,3 +208,15 @@ def test_client_side_dp_reports_the_privacy_spent(tmp_path):
     assert 0 < first["dp"]["epsilon"] < second["dp"]["epsilon"]
     assert second["dp"]["max_participations"] == 2 and second["dp"]["delta"] == 1e-5
     assert all(r["update_norm"] > 0 and math.isfinite(r["plugin"]["ppl"]) for r in (first, second))
+
+
+def test_a_worker_that_dies_hard_is_replaced_and_later_rounds_are_whole(tmp_path):
+    cfg = configs.load(None, {**BASE, "rounds": 3, "faults": {"die": 0.2, "seed": 3}})
+    faults = cfg.faults.model_dump()
+    deaths = [sum(injected_fault(faults, rnd, who) == "die" for who in range(3))
+              for rnd in (1, 2, 3)]
+    assert deaths[0] >= 1, "pick a seed where a worker dies in round 1"
+    summary = simulate(cfg, new_run_dir(cfg, tmp_path / "run"))
+    for record, died in zip(summary["rounds"], deaths):
+        assert record["clients_failed"] == died
+        assert record["clients_ok"] == 3 - died

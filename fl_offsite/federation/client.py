@@ -105,7 +105,7 @@ def _training_items(task: dict, context: Context, processor) -> list:
     return _DATA[key]
 
 
-FAULT_KINDS = ("crash", "hang", "nan_update", "wrong_shape", "huge_norm")
+FAULT_KINDS = ("crash", "hang", "die", "nan_update", "wrong_shape", "huge_norm")
 
 
 def injected_fault(faults: dict, server_round: int, who: int) -> str | None:
@@ -145,6 +145,8 @@ def train_adapter(msg: Message, context: Context) -> Message:
         raise RuntimeError(f"fault drill: injected crash (node {who})")
     if fault == "hang":  # the model owner stops waiting after round_timeout
         time.sleep(float(task["round_timeout"]) + 2.0)
+    if fault == "die":  # no exception, no cleanup: like an out-of-memory kill
+        os._exit(1)
     bundle_hash = str(cfg["bundle-hash"])
     emulated = _cached_bundle(bundle_hash, context)
     processor = _PROCESSORS[bundle_hash]

@@ -64,6 +64,7 @@ def simulate(cfg: Config, run_dir: Path, verbose: bool = False, resume: bool = F
     from flwr.simulation import run_simulation
 
     from ..client_app import app as client_app
+    from .recovery import recovering_ray_backend
     from .server import run_federation
 
     check_resources(cfg)
@@ -92,9 +93,10 @@ def simulate(cfg: Config, run_dir: Path, verbose: bool = False, resume: bool = F
                                  "num_gpus": cfg.resources.num_gpus},
             "init_args": init_args,
         }
-        run_simulation(server_app=server_app, client_app=client_app,
-                       num_supernodes=cfg.num_clients, backend_name="ray",
-                       backend_config=backend_config, verbose_logging=verbose)
+        with recovering_ray_backend():
+            run_simulation(server_app=server_app, client_app=client_app,
+                           num_supernodes=cfg.num_clients, backend_name="ray",
+                           backend_config=backend_config, verbose_logging=verbose)
     if "rounds" not in result or len(result["rounds"]) != cfg.rounds:
         raise RuntimeError(f"simulation stopped before the last round; see {run_dir}")
     return result
