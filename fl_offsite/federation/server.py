@@ -245,7 +245,9 @@ def _rounds(grid: Grid, cfg: Config, run_dir: Path, owner: ModelOwner, log: RunL
         undelivered, bundles_sent = shipper.ship(grid, sampled)
         messages = [m for m in messages if m.metadata.dst_node_id not in undelivered]
         bytes_down = shipper.size * bundles_sent + protocol.adapter_bytes(current) * len(messages)
+        sent_at = time.time()
         replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
+        seconds_clients = time.time() - sent_at
         replies.sort(key=lambda r: nodes.key(r.metadata.src_node_id))  # arrival order varies
         ok = [r for r in replies if not r.has_error()]
         for r in replies:
@@ -290,6 +292,7 @@ def _rounds(grid: Grid, cfg: Config, run_dir: Path, owner: ModelOwner, log: RunL
         current.save(run_dir / "adapter.safetensors")
         if cfg.dp.noise_multiplier > 0:
             record["dp"] = _privacy_spent(log.summary["rounds"] + [record], cfg.dp)
+        record["seconds_clients"] = seconds_clients
         record["seconds"] = time.time() - start
         log.round(record, cfg.rounds)  # summary first: a checkpoint never runs ahead of it
         checkpoint.save(run_dir, checkpoint.RunState(rnd, current, log.bytes_down, log.bytes_up),

@@ -93,7 +93,8 @@ class RunLog:
         print(f"round {step}/{total_rounds}: clients {record['clients_ok']} ok, "
               f"{record['clients_failed']} failed{rejected} | plug-in {self.metric} {main:.4g} "
               f"(zero-shot {self.summary['zero_shot'].get(self.metric, float('nan')):.4g}) | "
-              f"emulator {self.metric} {emu:.4g} | {record['seconds']:.1f}s"
+              + (f"emulator {self.metric} {emu:.4g} | " if record["emulator"] else "")
+              + f"{record['seconds']:.1f}s"
               + ("" if record["updated"] else " | adapter kept (too few valid uploads)"),
               flush=True)
 
