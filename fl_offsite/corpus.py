@@ -71,10 +71,16 @@ def bible_verses() -> list[str]:
 
 
 def devil_entries() -> list[str]:
+    """One entry ("ABATIS, n. Rubbish in front of a fort...") per item, quotations included."""
     text = gzip.decompress(DEVIL.read_bytes()).decode("latin-1")
-    body = text.split("\n\n", 1)[1] if "\n\n" in text else text
-    entries = [" ".join(e.split()) for e in re.split(r"\n(?=[A-Z][A-Z'\- ]+\n)", body)]
-    return [e for e in entries if len(e) > 40 and not e.startswith("00-database")]
+    entries: list[str] = []
+    for paragraph in re.split(r"\n\s*\n", text):
+        flat = " ".join(paragraph.split())
+        if re.match(r"^[A-Z][A-Z'\- ]+, ", flat):
+            entries.append(flat)
+        elif entries and flat:
+            entries[-1] += " " + flat
+    return entries
 
 
 def jargon_entries() -> list[str]:
