@@ -160,6 +160,24 @@ def cmd_pretrain(args) -> None:
           f"validation perplexity {card['validation_perplexity']:.1f}")
 
 
+def cmd_reproduce(args) -> None:
+    import time as _time
+
+    from .reproduce import Plan, reproduce
+
+    plan = Plan.quick() if args.quick else Plan()
+    if args.model:
+        plan.model = args.model
+    if args.seeds:
+        plan.seeds = args.seeds
+    out = args.out or Path("runs") / f"reproduce-{_time.strftime('%Y%m%d-%H%M%S')}"
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"--out: {out} already exists and is not empty; choose a new path")
+    reproduce(plan, out)
+    print((out / "results.md").read_text())
+    print(f"results: {out / 'results.json'}, {out / 'results.md'}")
+
+
 def _existing_dir(path: Path, flag: str) -> Path:
     if not path.is_dir():
         raise UserError(f"{flag}: {path} is not a directory")
@@ -253,6 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--stop-at", type=int, help="checkpoint and stop after this step")
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("reproduce", help="the paper's comparison on the packaged model and tasks")
+    p.add_argument("--quick", action="store_true", help="small version (a few minutes)")
+    p.add_argument("--model", help="model to compare (default fl-offsite/ref-opt)")
+    p.add_argument("--seeds", type=int, nargs="+")
+    p.add_argument("--out", type=Path, help="run directory (default runs/reproduce-<time>)")
+    p.set_defaults(func=cmd_reproduce)
 
     from .federation.cli import add_commands
     add_commands(sub)

@@ -11,7 +11,8 @@ train / validation / test splits disjoint by construction (split by a hash of th
 - ``bible-cloze``: multiple choice, the first half of a verse of the World English Bible
   followed by its true second half or the second halves of three other verses.
 
-Seeded and deterministic; the item counts are arguments.
+Every row has a ``group`` column (first letter, part of speech, first word of the verse) for
+non-IID partitioning (``partition.by: group``). Seeded and deterministic.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def write_task(out: Path, name: str, rows: list[tuple[str, dict]], readme: str) 
 
 def devil_rows(corpus: Path) -> list[tuple[str, dict]]:
     lines = (corpus / "heldout" / "devil.txt").read_text().splitlines()
-    return [(line, {"text": line}) for line in lines if len(line) > 40]
+    return [(line, {"text": line, "group": line[0]}) for line in lines if len(line) > 40]
 
 
 def define_rows(corpus: Path, n: int, rng: random.Random) -> list[tuple[str, dict]]:
@@ -64,7 +65,7 @@ def define_rows(corpus: Path, n: int, rng: random.Random) -> list[tuple[str, dic
         choices = others + [gloss]
         rng.shuffle(choices)
         rows.append((lemma, {"context": f"{lemma} ({pos}):", "choices": [" " + c for c in choices],
-                             "label": choices.index(gloss)}))
+                             "label": choices.index(gloss), "group": pos}))
     return rows
 
 
@@ -81,7 +82,8 @@ def cloze_rows(corpus: Path, n: int, rng: random.Random) -> list[tuple[str, dict
         others = [h[2] for h in rng.sample(halves, 6) if h[2] != second][:3]
         choices = others + [second]
         rng.shuffle(choices)
-        rows.append((verse, {"context": first, "choices": choices, "label": choices.index(second)}))
+        rows.append((verse, {"context": first, "choices": choices, "label": choices.index(second),
+                             "group": verse.split()[0].strip("“‘\"'").lower()}))
     return rows
 
 

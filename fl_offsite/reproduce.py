@@ -1,0 +1,138 @@
+"""The paper's comparison on the project's own model and tasks, with one command.
+
+For each task: full model zero-shot, emulator zero-shot, full fine-tuning, emulator fine-tuned
+(the data owner's view), plug-in (that adapter in the full model), and federated plug-in
+(``clients`` data owners, IID and Dirichlet partitions, one local epoch per round, as many
+rounds as the single-client runs have epochs, so every setting sees the same data as often).
+Several seeds; ``results.json`` holds the means (``tasks.<task>.<setting>.<metric>``) and
+the spreads, ``results.md`` the table.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from . import data
+from .adapter import plug
+from .architectures import resolve
+from .emulator import EmulatedModel
+from .evaluate import evaluate
+from .fileio import atomic_write_bytes, atomic_write_json
+from .models import load_model, load_processor
+from .owner import build_bundle
+from .train import TrainConfig, train
+
+SETTINGS = ("zero_shot", "emulator_zero_shot", "full_ft", "emulator_ft", "plugin",
+            "federated_iid", "federated_dirichlet")
+MAIN = {"lm": "ppl", "multiple-choice": "acc", "image": "acc"}
+
+
+@dataclass
+class Plan:
+    model: str = "fl-offsite/ref-opt"
+    tasks: list[str] = field(default_factory=lambda: ["fl-offsite/devil", "fl-offsite/wordnet-define",
+                                                      "fl-offsite/bible-cloze"])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    adapter_bottom: int = 2
+    adapter_top: int = 2
+    emulator_layers: int = 4
+    epochs: int = 3
+    lr: float = 1e-3
+    batch_size: int = 8
+    block_size: int = 128
+    max_train: int | None = None
+    max_eval: int | None = 300
+    clients: int = 4
+
+    @classmethod
+    def quick(cls) -> "Plan":
+        return cls(tasks=["fl-offsite/devil", "fl-offsite/wordnet-define"], seeds=[0], epochs=1,
+                   max_train=160, max_eval=40, block_size=64, clients=2)
+
+
+def _federated(plan: Plan, task: str, bundle: Path, seed: int, partition: str, run_dir: Path) -> dict:
+    from . import config as configs
+    from .federation.runtime import new_run_dir
+    from .federation.simulation import simulate
+
+    cfg = configs.load(None, {
+        "name": f"{Path(task).name}-{partition}-{seed}", "model": plan.model, "seed": seed,
+        "bundle": str(bundle), "num_clients": plan.clients, "clients_per_round": plan.clients,
+        "rounds": plan.epochs, "evaluate_emulator": False,
+        "data": {"path": task, "block_size": plan.block_size, "max_eval_examples": plan.max_eval,
+                 "max_train_examples": plan.max_train},
+        "partition": {"name": partition, "by": "group", "alpha": 0.5, "seed": seed},
+        "train": {"lr": plan.lr, "local_epochs": 1, "batch_size": plan.batch_size}})
+    summary = simulate(cfg, new_run_dir(cfg, run_dir / cfg.name))
+    return summary["rounds"][-1]["plugin"]
+
+
+def run_task(plan: Plan, task: str, seed: int, bundle: Path, run_dir: Path) -> dict[str, dict]:
+    processor = load_processor(plan.model)
+    train_data = data.prepare(task, "train", processor, plan.block_size, plan.max_train)
+    test_data = data.prepare(task, "test", processor, plan.block_size, plan.max_eval)
+    cfg = TrainConfig(lr=plan.lr, epochs=plan.epochs, batch_size=plan.batch_size, seed=seed)
+    pad = getattr(processor, "pad_token_id", 0) or 0
+    out = {}
+    full = load_model(plan.model)
+    out["zero_shot"] = evaluate(full, test_data, processor)
+    emulated = EmulatedModel(bundle)
+    out["emulator_zero_shot"] = evaluate(emulated.model, test_data, processor)
+    full.requires_grad_(True)
+    train(full, train_data.train_items, cfg, pad)
+    out["full_ft"] = evaluate(full, test_data, processor)
+    emulated.prepare("blocks", seed=seed)
+    train(emulated.model, train_data.train_items, cfg, pad)
+    out["emulator_ft"] = evaluate(emulated.model, test_data, processor)
+    fresh = load_model(plan.model)
+    out["plugin"] = evaluate(plug(fresh, resolve(fresh), emulated.adapter()), test_data, processor)
+    for partition in ("iid", "dirichlet"):
+        out[f"federated_{partition}"] = _federated(plan, task, bundle, seed, partition, run_dir)
+    return out
+
+
+def _table(results: dict, plan: Plan) -> str:
+    lines = [f"Model `{plan.model}`, {plan.adapter_bottom}-{plan.emulator_layers}-"
+             f"{plan.adapter_top}, {plan.epochs} epoch(s), seeds {plan.seeds}, "
+             f"{plan.clients} federated data owners. Mean ± spread (stdev over seeds).", "",
+             "| setting | " + " | ".join(f"{Path(t).name} ({m})" for t, m in
+                                         ((t, results["main_metric"][t]) for t in results["tasks"])) + " |",
+             "|---|" + "---|" * len(results["tasks"])]
+    for setting in SETTINGS:
+        cells = []
+        for task, metrics in results["tasks"].items():
+            metric = results["main_metric"][task]
+            mean = metrics[setting][metric]
+            spread = results["spread"][task][setting][metric]
+            cells.append(f"{mean:.4g} ± {spread:.2g}")
+        lines.append(f"| {setting} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def reproduce(plan: Plan, run_dir: Path) -> dict:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    bundle = run_dir / "bundle"
+    if not (bundle / "offsite.json").is_file():
+        build_bundle(plan.model, bundle, plan.adapter_bottom, plan.adapter_top,
+                     plan.emulator_layers)
+    results: dict = {"plan": asdict(plan), "tasks": {}, "spread": {}, "main_metric": {}}
+    started = time.time()
+    for task in plan.tasks:
+        per_seed = [run_task(plan, task, seed, bundle, run_dir / "runs") for seed in plan.seeds]
+        name = Path(task).name
+        kind = data.task_kind(data.load_split(task, "test"))
+        results["main_metric"][name] = MAIN[kind]
+        results["tasks"][name] = {s: {m: statistics.mean(r[s][m] for r in per_seed)
+                                      for m in per_seed[0][s]} for s in SETTINGS}
+        results["spread"][name] = {s: {m: statistics.pstdev([r[s][m] for r in per_seed])
+                                       for m in per_seed[0][s]} for s in SETTINGS}
+        print(f"{name}: " + ", ".join(f"{s} {results['tasks'][name][s][MAIN[kind]]:.4g}"
+                                      for s in SETTINGS), flush=True)
+    results["seconds"] = time.time() - started
+    atomic_write_json(run_dir / "results.json", results)
+    atomic_write_bytes(run_dir / "results.md", _table(results, plan).encode())
+    return results

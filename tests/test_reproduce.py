@@ -1,0 +1,29 @@
+"""`fl-offsite reproduce --quick`: every setting of the paper's comparison, on every task."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fl_offsite.cli import main
+from fl_offsite.reproduce import SETTINGS
+
+pytestmark = pytest.mark.slow
+
+
+def test_quick_reproduction_writes_the_table_and_results(tmp_path, capsys):
+    out = tmp_path / "repro"
+    assert main(["reproduce", "--quick", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["tasks"]) == {"devil", "wordnet-define"}
+    for task, settings in results["tasks"].items():
+        assert set(settings) == set(SETTINGS)
+        metric = results["main_metric"][task]
+        assert all(metric in settings[s] for s in SETTINGS)
+    devil = results["tasks"]["devil"]
+    assert devil["plugin"]["ppl"] < devil["zero_shot"]["ppl"]
+    assert devil["full_ft"]["ppl"] < devil["zero_shot"]["ppl"]
+    table = (out / "results.md").read_text()
+    assert "| plugin |" in table and "federated_dirichlet" in table
+    assert "| setting |" in capsys.readouterr().out
