@@ -115,9 +115,6 @@ class Arch:
     def blocks(self, model: torch.nn.Module) -> torch.nn.ModuleList:
         return _get(model, self.blocks_path)
 
-    def block_prefix(self, index: int) -> str:
-        return f"{self.blocks_path}.{index}."
-
 
 def resolve(model: torch.nn.Module) -> Arch:
     """Find the family of ``model`` and the attribute paths of its parts."""

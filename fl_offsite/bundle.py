@@ -90,10 +90,6 @@ class BundleInfo:
     bundle_hash: str
     source_hash: str
 
-    @property
-    def arch_task(self) -> str:
-        return self.task
-
 
 def read_info(bundle_dir: str | Path) -> BundleInfo:
     bundle_dir = Path(bundle_dir)
