@@ -97,7 +97,7 @@ def _bad_inputs(tmp_path, pydoc_data):
         (["simulate", "--config", DEMO_CONFIG, "--set", "clients_per_round=20"],
          "clients_per_round"),
         (["simulate", "--config", DEMO_CONFIG, "--set", "strategy.name=fedfoo"], "strategy.name"),
-        (["simulate", "--config", DEMO_CONFIG, "--set", "split.emulator_layers=7"],
+        (["simulate", "--config", DEMO_CONFIG, "--set", "split.emulator_layers=9"],
          "emulator_layers"),
         (["simulate", "--config", DEMO_CONFIG, "--set", "data.path=/no/such/data"], "--data"),
         (["simulate", "--config", DEMO_CONFIG, "--set", "rounds"], "key=value"),
