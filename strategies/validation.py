@@ -30,7 +30,7 @@ def _tensors(reply: Message) -> dict[str, torch.Tensor] | None:
 
 def update_norm(upload: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
     return math.sqrt(sum(float((upload[k].double() - reference[k].double()).pow(2).sum())
-                         for k in reference))
+                         for k in sorted(reference)))
 
 
 def check_upload(reply: Message, reference: dict[str, torch.Tensor],

@@ -67,8 +67,10 @@ def test_resumed_summary_has_every_round_once(killed_and_resumed):
     s1 = json.loads((straight / "summary.json").read_text())
     s2 = json.loads((killed / "summary.json").read_text())
     assert [r["round"] for r in s2["rounds"]] == [1, 2, 3]
-    for r1, r2 in zip(s1["rounds"], s2["rounds"]):
-        assert r1["plugin"] == r2["plugin"] and r1["update_norm"] == r2["update_norm"]
+    for r1, r2 in zip(s1["rounds"], s2["rounds"]):  # (reductions may use other thread counts)
+        assert r1["plugin"] == pytest.approx(r2["plugin"], rel=1e-9)
+        assert r1["update_norm"] == pytest.approx(r2["update_norm"], rel=1e-9)
+        assert r1["participants"] == r2["participants"]
 
 
 def test_foreign_or_corrupted_checkpoints_are_refused_and_nothing_changes(killed_and_resumed,

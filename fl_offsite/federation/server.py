@@ -104,7 +104,8 @@ class ModelOwner:
 
 
 def _update_norm(old: dict, new: dict) -> float:
-    return math.sqrt(sum(float((new[k].double() - old[k].double()).pow(2).sum()) for k in old))
+    return math.sqrt(sum(float((new[k].double() - old[k].double()).pow(2).sum())
+                         for k in sorted(old)))  # fixed order: a resumed run sums alike
 
 
 def _privacy_spent(rounds: list[dict], dp) -> dict:
