@@ -26,7 +26,7 @@ from ..models import load_processor
 from ..train import TrainConfig, train
 from . import protocol
 
-_EMULATED: dict[tuple, EmulatedModel] = {}
+_EMULATED: dict[str, EmulatedModel] = {}
 _PROCESSORS: dict[str, object] = {}
 _DATA: dict[tuple, list] = {}
 
@@ -61,20 +61,19 @@ def receive_bundle(msg: Message, context: Context) -> Message:
 
 
 def emulated_model(bundle_hash: str, bundle_dir: Path) -> EmulatedModel:
-    key = (bundle_hash,)
-    if key not in _EMULATED:
+    if bundle_hash not in _EMULATED:
         emulated = EmulatedModel(bundle_dir)  # verifies the content hash
         if emulated.info.bundle_hash != bundle_hash:
             raise UserError(f"bundle: {bundle_dir} has hash {emulated.info.bundle_hash[:12]}, "
                             f"the model owner announced {bundle_hash[:12]}; refusing it")
-        _EMULATED[key] = emulated
+        _EMULATED[bundle_hash] = emulated
         _PROCESSORS[bundle_hash] = load_processor(str(bundle_dir))
-    return _EMULATED[key]
+    return _EMULATED[bundle_hash]
 
 
 def _cached_bundle(bundle_hash: str, context: Context) -> EmulatedModel:
-    if (bundle_hash,) in _EMULATED:
-        return _EMULATED[(bundle_hash,)]
+    if bundle_hash in _EMULATED:
+        return _EMULATED[bundle_hash]
     known = context.state.get("bundle")
     if known is None or known["hash"] != bundle_hash or not Path(str(known["path"])).is_dir():
         raise RuntimeError(f"{protocol.MISSING_BUNDLE} {bundle_hash[:12]}")
@@ -153,10 +152,11 @@ def train_adapter(msg: Message, context: Context) -> Message:
     tuning = task["tuning"]
     lora = tuning.get("lora")
     emulated.prepare(tuning["kind"], lora, seed=task["seed"])
-    dtypes = {k: v.dtype for k, v in emulated.adapter().tensors.items()}
+    template = emulated.adapter()
     received = protocol.record_tensors(msg.content["arrays"])
-    global_tensors = {k: v.to(dtypes[k]) if k in dtypes else v for k, v in received.items()}
-    emulated.set_adapter(emulated.adapter().with_tensors(global_tensors))
+    global_tensors = {k: v.to(template.tensors[k].dtype) if k in template.tensors else v
+                      for k, v in received.items()}  # bfloat16 travels as float32
+    emulated.set_adapter(template.with_tensors(global_tensors))
     items = _training_items(task, context, processor)
     round_seed = task["seed"] + 1000 * int(cfg.get("server-round", 0)) + \
         int(context.node_config.get("partition-id", 0))

@@ -9,7 +9,6 @@ full model and evaluate it (and the emulator) every round, and record everything
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 import strategies
-from strategies.validation import screen
+from strategies.validation import screen, update_norm
 
 from .. import adapter as adapters
 from .. import data
@@ -45,12 +44,9 @@ class ModelOwner:
         self.arch = resolve(self.model)
         self.processor = load_processor(cfg.model)
         shared, blocks = split_state(self.model, self.arch)
-        if cfg.bundle:
-            self.bundle_dir = Path(cfg.bundle)
-        elif resume and (run_dir / "bundle" / "offsite.json").is_file():
-            self.bundle_dir = run_dir / "bundle"  # written atomically by the interrupted run
-        else:
-            self.bundle_dir = run_dir / "bundle"
+        self.bundle_dir = Path(cfg.bundle) if cfg.bundle else run_dir / "bundle"
+        # a resumed run reuses the bundle its first start wrote (atomically)
+        if not cfg.bundle and not (resume and (self.bundle_dir / "offsite.json").is_file()):
             plan = make_plan(len(blocks), cfg.split.adapter_bottom, cfg.split.adapter_top,
                              cfg.split.emulator_layers, cfg.split.drop_ratio)
             write_bundle(self.model, plan, self.bundle_dir, cfg.model, self.processor)
@@ -101,11 +97,6 @@ class ModelOwner:
             "dp": cfg.dp.model_dump() if cfg.dp.noise_multiplier > 0 else None,
             "round_timeout": cfg.round_timeout,
         }
-
-
-def _update_norm(old: dict, new: dict) -> float:
-    return math.sqrt(sum(float((new[k].double() - old[k].double()).pow(2).sum())
-                         for k in sorted(old)))  # fixed order: a resumed run sums alike
 
 
 def _privacy_spent(rounds: list[dict], dp) -> dict:
@@ -161,8 +152,11 @@ class NodeDirectory:
                                    f"within connect_timeout={self.timeout}s")
             time.sleep(0.5)
 
+    def name(self, node_id: int) -> str:
+        return self.names.get(node_id, str(node_id))
+
     def key(self, node_id: int):
-        name = self.names.get(node_id, str(node_id))
+        name = self.name(node_id)
         return (0, int(name)) if name.isdigit() else (1, name)
 
     def get_node_ids(self) -> list[int]:
@@ -260,7 +254,7 @@ def _rounds(grid: Grid, cfg: Config, run_dir: Path, owner: ModelOwner, log: RunL
                                  cfg.strategy.clip_norm)
         for rejection in rejected:
             print(f"round {rnd}: rejected the upload of data owner "
-                  f"{nodes.names.get(rejection.node_id, rejection.node_id)}: {rejection.reason}",
+                  f"{nodes.name(rejection.node_id)}: {rejection.reason}",
                   flush=True)
         updated = len(valid) >= cfg.min_clients
         previous = current
@@ -277,12 +271,12 @@ def _rounds(grid: Grid, cfg: Config, run_dir: Path, owner: ModelOwner, log: RunL
             "clients_ok": len(valid),
             "clients_failed": len(sampled) - len(ok),
             "clients_rejected": len(rejected),
-            "rejections": [{"node": nodes.names.get(r.node_id, str(r.node_id)),
-                            "reason": r.reason} for r in rejected],
+            "rejections": [{"node": nodes.name(r.node_id), "reason": r.reason}
+                           for r in rejected],
             "updated": updated,
             "train_loss": _train_losses(valid),
-            "update_norm": _update_norm(previous.tensors, current.tensors),
-            "participants": sorted(nodes.names.get(r.metadata.src_node_id, "?") for r in ok),
+            "update_norm": update_norm(current.tensors, previous.tensors),
+            "participants": sorted(nodes.name(r.metadata.src_node_id) for r in ok),
             "bundles_sent": bundles_sent,
             "bytes_down": bytes_down,
             "bytes_up": bytes_up,
