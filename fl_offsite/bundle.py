@@ -8,9 +8,10 @@ A bundle directory holds
   initial adapter blocks, keyed ``"<original block index>.<parameter path in the block>"``;
 - ``shared.safetensors``: the frozen parts outside the blocks (embeddings, final norm, head);
 - the tokenizer or image processor, when the model has one;
-- ``offsite.json``: source model id, layer plan, and two hashes: ``bundle_hash`` (the frozen
-  content a data owner caches by) and ``source_hash`` (the shared parts, which the model owner
-  recomputes from the full model to check that an adapter belongs to it).
+- ``offsite.json``: source model id, layer plan, how the emulator was made (layer selection,
+  distillation, quantisation), and two hashes: ``bundle_hash`` (the frozen content a data
+  owner caches by) and ``source_hash`` (the shared parts, which the model owner recomputes
+  from the full model to check that an adapter belongs to it).
 
 Dropped blocks are never read into any of these files.
 """
@@ -30,6 +31,7 @@ from .errors import UserError
 from .fileio import atomic_dir, load_tensors, save_tensors, tensors_hash
 from .models import AUTO_CLASSES
 from .plan import LayerPlan
+from .quantize import quantize_block, use_int8_layers
 
 FORMAT_VERSION = 1
 META_FILE = "offsite.json"
@@ -89,6 +91,7 @@ class BundleInfo:
     plan: LayerPlan
     bundle_hash: str
     source_hash: str
+    emulator: dict  # how the emulator was made: layer_selection, distill, quantize
 
 
 def read_info(bundle_dir: str | Path) -> BundleInfo:
@@ -102,7 +105,8 @@ def read_info(bundle_dir: str | Path) -> BundleInfo:
         raise UserError(f"--bundle: {bundle_dir} has bundle format {meta.get('format')!r}, "
                         f"this fl-offsite reads format {FORMAT_VERSION}; rebuild the bundle")
     return BundleInfo(bundle_dir, meta["source_model"], meta["model_type"], meta["task"],
-                      LayerPlan.from_dict(meta["plan"]), meta["bundle_hash"], meta["source_hash"])
+                      LayerPlan.from_dict(meta["plan"]), meta["bundle_hash"], meta["source_hash"],
+                      meta.get("emulator", {}))
 
 
 def frozen_hash(config_json: str, plan: LayerPlan, emulator: dict, shared: dict) -> str:
@@ -113,19 +117,27 @@ def frozen_hash(config_json: str, plan: LayerPlan, emulator: dict, shared: dict)
 
 
 def write_bundle(model: torch.nn.Module, plan: LayerPlan, out_dir: str | Path,
-                 source_model: str, processor=None, emulator_blocks: dict | None = None,
+                 source_model: str, processor=None, emulator: dict | None = None,
+                 quantize: str | None = None, record: dict | None = None,
                  overwrite: bool = False) -> BundleInfo:
     """Write the bundle of ``model`` for ``plan``.
 
-    ``emulator_blocks`` ({index: {path: tensor}}) replaces the kept middle blocks, e.g. with a
-    distilled emulator; by default they are copied from the model.
+    ``emulator`` (``"<index>.<path>"`` tensors) replaces the kept middle blocks, e.g. with a
+    distilled emulator; by default they are copied from the model. ``quantize="int8"`` stores
+    them as int8; ``record`` (how the emulator was made) goes into the metadata.
     """
     arch = resolve(model)
     if plan.depth != len(arch.blocks(model)):
         raise UserError(f"plan: made for {plan.depth} blocks but the model has "
                         f"{len(arch.blocks(model))}")
     shared, blocks = split_state(model, arch)
-    emulator = keyed(emulator_blocks or blocks, plan.emulator)
+    emulator = emulator or keyed(blocks, plan.emulator)
+    if quantize == "int8":
+        by_block = unkeyed(emulator)
+        emulator = keyed({i: quantize_block(arch.blocks(model)[i], by_block[i])
+                          for i in by_block}, by_block)
+    elif quantize is not None:
+        raise UserError(f"quantize: unknown method {quantize!r}; use int8 or leave it out")
     adapter = keyed(blocks, plan.adapter)
     cfg = emulated_config(model.config, plan)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
@@ -144,6 +156,7 @@ def write_bundle(model: torch.nn.Module, plan: LayerPlan, out_dir: str | Path,
             "task": arch.task,
             "plan": plan.to_dict(),
             "notation": plan.notation(),
+            "emulator": {"layer_selection": "uniform", **(record or {}), "quantize": quantize},
             "bundle_hash": frozen_hash(config_json, plan, emulator, shared),
             "source_hash": tensors_hash(shared),
         }
@@ -153,15 +166,26 @@ def write_bundle(model: torch.nn.Module, plan: LayerPlan, out_dir: str | Path,
 
 def build_emulated_model(config, plan: LayerPlan, shared: dict, emulator: dict, adapter: dict,
                          task: str) -> torch.nn.Module:
-    """Assemble the emulated model from its parts, without ever materialising random weights."""
+    """Assemble the emulated model from its parts, without ever materialising random weights.
+
+    A block repeated in the plan is one module at several positions (shared weights); an int8
+    emulator block gets ``Int8Linear`` layers.
+    """
     with init_empty_weights(include_buffers=False):
         model = AUTO_CLASSES[task].from_config(config)
     arch = resolve(model)
+    modules = arch.blocks(model)
     blocks = unkeyed({**emulator, **adapter})
     state = dict(shared)
+    first_position: dict[int, int] = {}
     for position, index in enumerate(plan.order):
         if index not in blocks:
             raise UserError(f"bundle: block {index} is missing from the emulator/adapter files")
+        if index in first_position:
+            modules[position] = modules[first_position[index]]
+            continue
+        first_position[index] = position
+        use_int8_layers(modules[position], blocks[index])
         for path, tensor in blocks[index].items():
             state[f"{arch.blocks_path}.{position}.{path}"] = tensor
     result = model.load_state_dict(state, strict=False, assign=True)

@@ -33,14 +33,32 @@ def _train_config(args):
 
 
 def cmd_emulator(args) -> None:
+    from .config import build_section
     from .owner import build_bundle
 
-    info = build_bundle(args.model, args.out, args.adapter_bottom, args.adapter_top,
-                        args.emulator_layers, args.drop_ratio, args.dtype, args.overwrite)
+    distill = {"data": args.distill_data, "steps": args.distill_steps if args.distill_data else 0,
+               "lr": args.distill_lr, "batch_size": args.distill_batch_size,
+               "block_size": args.block_size, "max_examples": args.distill_max_examples,
+               "kd_weight": args.kd_weight, "lm_weight": args.lm_weight,
+               "layer_weight": args.layer_weight, "seed": args.seed}
+    split = build_section("split", {
+        "adapter_bottom": args.adapter_bottom, "adapter_top": args.adapter_top,
+        "emulator_layers": args.emulator_layers, "drop_ratio": args.drop_ratio,
+        "layer_selection": args.layer_selection, "repeat_blocks": args.repeat_blocks,
+        "quantize": args.quantize, "distill": distill})
+    info = build_bundle(args.model, args.out, split, args.dtype, args.overwrite,
+                        log=lambda line: print(line, file=sys.stderr))
     plan = info.plan
-    print(f"bundle {args.out}: {plan.notation()} of {plan.depth} blocks; adapter {list(plan.adapter)}, "
-          f"emulator {list(plan.emulator)}, dropped {list(plan.dropped)}; "
+    made = info.emulator
+    how = made["layer_selection"] + (" + distilled" if "distill" in made else "") + \
+        (f" + {made['quantize']}" if made.get("quantize") else "")
+    print(f"bundle {args.out}: {plan.notation()} of {plan.depth} blocks ({how}); adapter "
+          f"{list(plan.adapter)}, emulator {list(plan.emulator)}, dropped {list(plan.dropped)}; "
           f"hash {info.bundle_hash[:12]}")
+    if "distill" in made:
+        before, best = made["distill"]["held_out_before"], made["distill"]["held_out_best"]
+        print(f"distilled: held-out nmse {before['nmse']:.4f} -> {best['nmse']:.4f} "
+              f"(best step {made['distill']['best_step']})")
 
 
 def cmd_train(args) -> None:
@@ -224,8 +242,28 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--emulator-layers", type=int, help="k: middle blocks kept (uniform drop)")
     g.add_argument("--drop-ratio", type=float, help="fraction of middle blocks dropped")
+    p.add_argument("--layer-selection", choices=["uniform", "similarity"], default="uniform",
+                   help="which middle blocks to keep: evenly spaced, or the ones that change "
+                        "the representation most on --distill-data")
+    p.add_argument("--repeat-blocks", action="store_true",
+                   help="similarity: repeat each kept block over the blocks it replaces")
+    p.add_argument("--quantize", choices=["int8"], help="store the emulator as int8")
     p.add_argument("--dtype", **dtype)
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("public data (distillation, similarity)")
+    g.add_argument("--distill-data", help="public text: local path, fl-offsite/<name> or hub name")
+    g.add_argument("--distill-steps", type=int, default=200,
+                   help="distillation steps on --distill-data (0: use it only for selection)")
+    g.add_argument("--distill-lr", type=float, default=1e-4)
+    g.add_argument("--distill-batch-size", type=_positive_int, default=8)
+    g.add_argument("--distill-max-examples", type=_positive_int)
+    g.add_argument("--block-size", type=_positive_int, default=128)
+    g.add_argument("--kd-weight", type=float, default=30.0,
+                   help="weight of the normalised MSE at the middle's output")
+    g.add_argument("--lm-weight", type=float, default=1.0, help="weight of the LM loss")
+    g.add_argument("--layer-weight", type=float, default=0.0,
+                   help="weight of matching every emulator position")
     p.set_defaults(func=cmd_emulator)
 
     p = sub.add_parser("train", help="data owner: fine-tune the adapter on the emulator")

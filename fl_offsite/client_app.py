@@ -3,7 +3,7 @@
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from .federation import client
+from .federation import client, secagg
 from .federation.protocol import BUNDLE_ACTION, HELLO_ACTION
 
 app = ClientApp()
@@ -19,6 +19,6 @@ def receive_bundle(msg: Message, context: Context) -> Message:
     return client.receive_bundle(msg, context)
 
 
-@app.train()
+@app.train(mods=[secagg.client_mod])  # SecAgg+ rounds (secagg.enabled); others pass
 def train(msg: Message, context: Context) -> Message:
     return client.train_adapter(msg, context)

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
 from .errors import UserError
 
@@ -19,11 +20,45 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class DistillConfig(_Section):
+    """Public data for the emulator: distillation (steps > 0) and similarity-based selection."""
+
+    data: str | None = Field(None, description="public text: local path, fl-offsite/<name> or "
+                             "hub name; never the data owners' data")
+    steps: int = Field(0, ge=0, description="distillation steps (0: no distillation)")
+    lr: float = Field(1e-4, gt=0.0)
+    batch_size: int = Field(8, ge=1)
+    block_size: int = Field(128, ge=8)
+    max_examples: int | None = Field(None, ge=1)
+    kd_weight: float = Field(30.0, ge=0.0, description="weight of the normalised MSE of the "
+                             "middle output")
+    lm_weight: float = Field(1.0, ge=0.0, description="weight of the student's task loss")
+    layer_weight: float = Field(0.0, ge=0.0, description="weight of per-position matching")
+    eval_every: int = Field(50, ge=1, description="held-out check (best step is kept)")
+    seed: int = 0
+
+
 class SplitConfig(_Section):
     adapter_bottom: int = Field(2, ge=0)
     adapter_top: int = Field(2, ge=0)
     emulator_layers: int | None = Field(None, ge=1)
     drop_ratio: float | None = Field(None, ge=0.0, lt=1.0)
+    layer_selection: Literal["uniform", "similarity"] = "uniform"
+    repeat_blocks: bool = Field(False, description="similarity: repeat each kept block over "
+                                "the blocks it stands in for (CRaSh-style sharing)")
+    quantize: Literal["int8"] | None = None
+    distill: DistillConfig = DistillConfig()
+
+    @model_validator(mode="after")
+    def _needs_public_data(self):
+        if self.distill.data is None and (self.distill.steps or
+                                          self.layer_selection == "similarity"):
+            raise ValueError("distill.data is missing: distillation and similarity-based "
+                             "layer selection need public text (--distill-data, or "
+                             "split.distill.data in a config)")
+        if self.repeat_blocks and self.layer_selection != "similarity":
+            raise ValueError("repeat_blocks needs layer_selection: similarity")
+        return self
 
 
 class DataConfig(_Section):
@@ -99,6 +134,37 @@ class DPConfig(_Section):
     delta: float = Field(1e-5, gt=0.0, lt=1.0)
 
 
+# Strategies whose aggregate is a function of the example-weighted mean of the uploads, so they
+# can run on the sum secure aggregation reveals (the robust ones need each upload on its own).
+SECAGG_STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
+
+
+class SecAggConfig(_Section):
+    """Secure aggregation (Flower's SecAgg+): the model owner sees only the sum of the updates."""
+
+    enabled: bool = False
+    num_shares: int | float = Field(1.0, description="each data owner's secrets are split into "
+                                    "this many shares: a count >= 3 or a fraction of the round")
+    reconstruction_threshold: int | float = Field(0.67, description="shares needed to rebuild "
+                                                  "a secret: a count >= 2 or a fraction of "
+                                                  "num_shares")
+    clipping_range: float = Field(1.0, gt=0.0, description="each coordinate of a weighted "
+                                  "update is clipped to +-this, then quantized")
+    quantization_range: int = Field(2 ** 22, ge=2, description="integer levels over "
+                                    "[-clipping_range, clipping_range]")
+    max_weight: float = Field(1000.0, gt=0.0, description="largest num-examples of one upload "
+                              "(weights are num-examples / max_weight)")
+
+    @field_validator("num_shares", "reconstruction_threshold")
+    @classmethod
+    def _count_or_fraction(cls, value, info):
+        least = 3 if info.field_name == "num_shares" else 2
+        if isinstance(value, bool) or (isinstance(value, float) and not 0.0 < value <= 1.0) or \
+                (isinstance(value, int) and value < least):
+            raise ValueError(f"use a count >= {least} or a fraction in (0, 1]")
+        return value
+
+
 class ResourcesConfig(_Section):
     num_cpus: float = Field(1.0, gt=0.0)
     num_gpus: float = Field(0.0, ge=0.0)
@@ -132,6 +198,7 @@ class Config(_Section):
     resources: ResourcesConfig = ResourcesConfig()
     faults: FaultsConfig = FaultsConfig()
     dp: DPConfig = DPConfig()
+    secagg: SecAggConfig = SecAggConfig()
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -144,6 +211,42 @@ class Config(_Section):
         if self.min_clients > self.clients_per_round:
             raise ValueError(f"min_clients ({self.min_clients}) exceeds clients_per_round "
                              f"({self.clients_per_round})")
+        return self
+
+    @model_validator(mode="after")
+    def _secure_aggregation(self):
+        """Refuse what needs to see single uploads, which SecAgg+ hides from the model owner."""
+        sec, k = self.secagg, self.clients_per_round
+        if not sec.enabled:
+            return self
+        if self.strategy.name not in SECAGG_STRATEGIES:
+            raise ValueError(f"strategy.name: {self.strategy.name} needs every upload on its own, "
+                             "but with secagg.enabled the model owner sees only their sum; use "
+                             f"{', '.join(SECAGG_STRATEGIES)}, or secagg.enabled=false")
+        for key in ("max_update_norm", "clip_norm"):
+            if getattr(self.strategy, key) is not None:
+                raise ValueError(f"strategy.{key}: the model owner cannot screen or clip single "
+                                 "uploads with secagg.enabled (it sees only their sum); unset "
+                                 "it (dp.clip_norm with dp.noise_multiplier > 0 clips on the data "
+                                 "owner, before masking)")
+        for key in ("nan_update", "wrong_shape", "huge_norm"):
+            if getattr(self.faults, key) > 0:
+                raise ValueError(f"faults.{key}: corrupted-upload drills test the per-upload "
+                                 "screen, which secagg.enabled rules out; set it to 0")
+        if k < 2:
+            raise ValueError(f"secagg.enabled: secure aggregation needs clients_per_round >= 2 "
+                             f"(got {k})")
+        if k * sec.quantization_range >= 2 ** 32:
+            raise ValueError(f"secagg.quantization_range: {k} uploads of {sec.quantization_range} "
+                             f"levels overflow the 2**32 masking modulus; use at most "
+                             f"{(2 ** 32 - 1) // k}")
+        if isinstance(sec.num_shares, int) and sec.num_shares > k:
+            raise ValueError(f"secagg.num_shares: {sec.num_shares} shares, but only {k} data "
+                             "owners per round; lower it or give a fraction")
+        if isinstance(sec.num_shares, int) and isinstance(sec.reconstruction_threshold, int) \
+                and sec.reconstruction_threshold >= sec.num_shares:
+            raise ValueError(f"secagg.reconstruction_threshold: must be below num_shares "
+                             f"({sec.num_shares}), got {sec.reconstruction_threshold}")
         return self
 
 
@@ -167,7 +270,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def _first_error(exc: ValidationError, source: str) -> str:
     err = exc.errors()[0]
-    where = ".".join(str(p) for p in err["loc"]) or "config"
+    where = ".".join(str(p) for p in err["loc"])
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         msg = "unknown key (check the spelling against configs/demo.yaml)"
@@ -175,7 +278,16 @@ def _first_error(exc: ValidationError, source: str) -> str:
         msg = "required key is missing"
     got = f" (got {err['input']!r})" if err["type"] not in {"extra_forbidden", "missing"} and \
         not isinstance(err.get("input"), dict) else ""
-    return f"{source}: {where}: {msg}{got}"
+    return f"{source}: {where + ': ' if where else ''}{msg}{got}"
+
+
+def build_section(name: str, values: dict) -> _Section:
+    """One section (e.g. ``split`` from CLI flags), with the same one-line errors."""
+    section = Config.model_fields[name].annotation
+    try:
+        return section.model_validate(values)
+    except ValidationError as exc:
+        raise UserError(_first_error(exc, name)) from None
 
 
 def build(tree: dict, source: str) -> Config:

@@ -7,7 +7,9 @@ middle blocks are always kept (for k >= 2) and the rest are evenly spaced. For O
 (24 blocks, 2-8-2) this keeps 2, 5, 7, 10, 13, 16, 18, 21, the paper's choice.
 
 Every index here is an *original* block index; the emulated model's block at position ``p``
-is original block ``plan.order[p]``.
+is original block ``plan.order[p]``. An index may repeat in ``emulator`` (one block shared at
+several positions, see ``layer_selection``). ``spans[j]`` says how many original middle blocks
+emulator position ``j`` stands in for; distillation matches hidden states at those boundaries.
 """
 
 from __future__ import annotations
@@ -25,6 +27,14 @@ class LayerPlan:
     bottom: tuple[int, ...]
     emulator: tuple[int, ...]
     top: tuple[int, ...]
+    spans: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if not self.spans:
+            object.__setattr__(self, "spans", default_spans(self))
+        if len(self.spans) != len(self.emulator) or \
+                sum(self.spans) != self.depth - len(self.bottom) - len(self.top):
+            raise UserError(f"plan: spans {list(self.spans)} do not cover the middle blocks")
 
     @property
     def adapter(self) -> tuple[int, ...]:
@@ -45,10 +55,21 @@ class LayerPlan:
 
     @classmethod
     def from_dict(cls, d: dict) -> "LayerPlan":
-        return cls(int(d["depth"]), tuple(d["bottom"]), tuple(d["emulator"]), tuple(d["top"]))
+        return cls(int(d["depth"]), tuple(d["bottom"]), tuple(d["emulator"]), tuple(d["top"]),
+                   tuple(d.get("spans", ())))
 
     def notation(self) -> str:
-        return f"{len(self.bottom)}-{len(self.emulator)}-{len(self.top)}"
+        """``l-k-r`` with k the distinct emulator blocks (``x n`` when they fill n positions)."""
+        k = len(set(self.emulator))
+        shared = f" x {len(self.emulator)}" if len(self.emulator) != k else ""
+        return f"{len(self.bottom)}-{k}{shared}-{len(self.top)}"
+
+
+def default_spans(plan: LayerPlan) -> tuple[int, ...]:
+    """Each kept block stands in for itself and the dropped blocks up to the next kept one
+    (plans that repeat a block give their spans explicitly)."""
+    starts = list(plan.emulator) + [plan.depth - len(plan.top)]
+    return tuple(b - a for a, b in zip(starts, starts[1:]))
 
 
 def uniform_keep(first: int, last: int, k: int) -> list[int]:

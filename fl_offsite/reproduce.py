@@ -23,6 +23,7 @@ from .emulator import EmulatedModel
 from .evaluate import evaluate
 from .fileio import atomic_write_bytes, atomic_write_json
 from .models import load_model, load_processor
+from .config import SplitConfig
 from .owner import build_bundle
 from .train import TrainConfig, train
 
@@ -117,8 +118,9 @@ def reproduce(plan: Plan, run_dir: Path) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     bundle = run_dir / "bundle"
     if not (bundle / "offsite.json").is_file():
-        build_bundle(plan.model, bundle, plan.adapter_bottom, plan.adapter_top,
-                     plan.emulator_layers)
+        build_bundle(plan.model, bundle, SplitConfig(adapter_bottom=plan.adapter_bottom,
+                                                     adapter_top=plan.adapter_top,
+                                                     emulator_layers=plan.emulator_layers))
     results: dict = {"plan": asdict(plan), "tasks": {}, "spread": {}, "main_metric": {}}
     started = time.time()
     for task in plan.tasks:

@@ -30,8 +30,8 @@ from ..errors import UserError
 from ..evaluate import evaluate
 from ..fileio import tensors_hash
 from ..models import load_model, load_processor
-from ..plan import make_plan
-from . import checkpoint, protocol
+from ..owner import make_emulator
+from . import checkpoint, protocol, secagg
 from .tracking import RunLog
 
 
@@ -47,9 +47,9 @@ class ModelOwner:
         self.bundle_dir = Path(cfg.bundle) if cfg.bundle else run_dir / "bundle"
         # a resumed run reuses the bundle its first start wrote (atomically)
         if not cfg.bundle and not (resume and (self.bundle_dir / "offsite.json").is_file()):
-            plan = make_plan(len(blocks), cfg.split.adapter_bottom, cfg.split.adapter_top,
-                             cfg.split.emulator_layers, cfg.split.drop_ratio)
-            write_bundle(self.model, plan, self.bundle_dir, cfg.model, self.processor)
+            plan, emulator, record = make_emulator(self.model, self.processor, cfg.split)
+            write_bundle(self.model, plan, self.bundle_dir, cfg.model, self.processor, emulator,
+                         cfg.split.quantize, record)
         self.emulated = EmulatedModel(self.bundle_dir)
         self.info = self.emulated.info
         if tensors_hash(shared) != self.info.source_hash:
@@ -241,25 +241,32 @@ def _rounds(grid: Grid, cfg: Config, run_dir: Path, owner: ModelOwner, log: RunL
         messages = [m for m in messages if m.metadata.dst_node_id not in undelivered]
         bytes_down = shipper.size * bundles_sent + protocol.adapter_bytes(current) * len(messages)
         sent_at = time.time()
-        replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
+        if cfg.secagg.enabled:  # SecAgg+: the model owner only ever sees the sum (secagg.py)
+            secure = secagg.train_round(grid, messages, current, rnd, cfg)
+            replies = secure.replies
+            bytes_down = shipper.size * bundles_sent + secure.bytes_down
+        else:
+            secure = None
+            replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
         seconds_clients = time.time() - sent_at
         replies.sort(key=lambda r: nodes.key(r.metadata.src_node_id))  # arrival order varies
         ok = [r for r in replies if not r.has_error()]
         for r in replies:
             if r.has_error() and protocol.MISSING_BUNDLE in (r.error.reason or ""):
                 shipper.forget(r.metadata.src_node_id)
-        bytes_up = sum(_upload_bytes(r) for r in ok)
+        bytes_up = secure.bytes_up if secure else sum(_upload_bytes(r) for r in ok)
         reference = protocol.record_tensors(protocol.adapter_record(current))
-        valid, rejected = screen(ok, reference, cfg.strategy.max_update_norm,
-                                 cfg.strategy.clip_norm)
+        valid, rejected = (ok, []) if secure else screen(ok, reference,
+                                                         cfg.strategy.max_update_norm,
+                                                         cfg.strategy.clip_norm)
         for rejection in rejected:
             print(f"round {rnd}: rejected the upload of data owner "
                   f"{nodes.name(rejection.node_id)}: {rejection.reason}",
                   flush=True)
-        updated = len(valid) >= cfg.min_clients
+        updated = len(valid) >= cfg.min_clients and (secure is None or bool(secure.aggregate))
         previous = current
         if updated:
-            aggregated, _ = strategy.aggregate_train(rnd, valid)
+            aggregated, _ = strategy.aggregate_train(rnd, secure.aggregate if secure else valid)
             tensors = {k: v.to(previous.tensors[k].dtype)
                        for k, v in protocol.record_tensors(aggregated).items()}
             current = previous.with_tensors(tensors)
@@ -285,6 +292,8 @@ def _rounds(grid: Grid, cfg: Config, run_dir: Path, owner: ModelOwner, log: RunL
         for old in sorted(checkpoints.glob("round-*.safetensors"))[:-cfg.keep_checkpoints]:
             old.unlink()
         current.save(run_dir / "adapter.safetensors")
+        if secure:
+            record["secagg"] = secure.info
         if cfg.dp.noise_multiplier > 0:
             record["dp"] = _privacy_spent(log.summary["rounds"] + [record], cfg.dp)
         record["seconds_clients"] = seconds_clients

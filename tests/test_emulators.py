@@ -1,0 +1,188 @@
+"""Better emulators: distillation, similarity-based layer choice (with sharing), int8."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import FAMILIES, model_inputs, tiny_model, training_items
+from fl_offsite import cli
+from fl_offsite.architectures import resolve
+from fl_offsite.bundle import load_bundle, write_bundle
+from fl_offsite.distill import Objective, distill, emulated_from_full, measure
+from fl_offsite.emulator import EmulatedModel
+from fl_offsite.layer_selection import select_layers, similarity_plan
+from fl_offsite.plan import make_plan
+from fl_offsite.quantize import Int8Linear
+from fl_offsite.train import TrainConfig, train
+
+
+def held_out_items(model, n: int = 6) -> list[dict]:
+    items = training_items(model, 2 * n)
+    return items[n:]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_distillation_brings_the_emulator_closer_to_the_full_model_on_held_out_data(family):
+    model = tiny_model(family)
+    arch = resolve(model)
+    plan = make_plan(8, 2, 2, 2)
+    items = training_items(model, 16)
+    train_items, val_items, test_items = items[:10], items[10:13], items[13:]
+    objective = Objective(plan, kd_weight=1.0, lm_weight=0.0, layer_weight=0.0)
+    before = measure(objective, model, emulated_from_full(model, arch, plan), test_items)
+    tensors, report = distill(model, emulated_from_full(model, arch, plan), arch, plan,
+                              train_items, val_items, steps=30, lr=3e-3, batch_size=4,
+                              kd_weight=1.0, lm_weight=0.0, eval_every=10)
+    after = measure(objective, model, emulated_from_full(model, arch, plan, tensors), test_items)
+    assert after["nmse"] < 0.9 * before["nmse"], (before, after)
+    assert report["held_out_best"]["loss"] <= report["held_out_before"]["loss"]
+    assert set(tensors) == {k for k in tensors if int(k.split(".")[0]) in plan.emulator}
+
+
+def test_distillation_trains_only_emulator_blocks_and_the_best_step_is_kept():
+    model = tiny_model("opt")
+    arch = resolve(model)
+    plan = make_plan(8, 2, 2, 2)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    student = emulated_from_full(model, arch, plan)
+    tensors, report = distill(model, student, arch, plan, training_items(model, 8),
+                              held_out_items(model), steps=4, lr=1e-2, batch_size=4,
+                              eval_every=2, layer_weight=1.0)
+    for key, value in model.state_dict().items():  # the teacher is untouched
+        assert torch.equal(value, original[key]), key
+    blocks = arch.blocks(student)
+    for position in (0, 1, 4, 5):  # adapter blocks of the student: untouched
+        index = plan.order[position]
+        for name, value in blocks[position].state_dict().items():
+            assert torch.equal(value, original[f"model.decoder.layers.{index}.{name}"])
+    assert report["best_step"] in (0, 2, 4)
+    assert "layer_nmse" in report["held_out_best"]
+
+
+def _make_identity(model, blocks):
+    """OPT blocks whose residual branches output zero: each maps its input to itself."""
+    layers = resolve(model).blocks(model)
+    with torch.no_grad():
+        for i in blocks:
+            for lin in (layers[i].self_attn.out_proj, layers[i].fc2):
+                lin.weight.zero_()
+                lin.bias.zero_()
+
+
+def test_similarity_selection_drops_blocks_that_change_nothing_and_is_deterministic():
+    model = tiny_model("opt")
+    _make_identity(model, [3, 5])
+    arch = resolve(model)
+    items = training_items(model, 8)
+    plan, changes = select_layers(model, arch, items, 2, 2, emulator_layers=2, seed=7)
+    assert changes[1] == pytest.approx(0.0, abs=1e-9) and changes[3] == pytest.approx(0.0, abs=1e-9)
+    assert plan.emulator == (2, 4) and plan.spans == (2, 2)
+    again, changes_again = select_layers(model, arch, items, 2, 2, emulator_layers=2, seed=7)
+    assert again == plan and changes_again == changes
+    uniform = make_plan(8, 2, 2, 2)
+    assert uniform.emulator == (2, 5)  # what uniform drop would keep instead
+
+
+def test_similarity_plan_keeps_segments_ordered_and_repeat_fills_the_depth():
+    changes = [0.1, 0.5, 0.05, 0.3, 0.02, 0.4]
+    plan = similarity_plan(changes, 10, 2, 2, emulator_layers=3)
+    # segments start at the first middle block and at the 2 biggest changes (middle 1 and 5)
+    assert plan.emulator == (2, 3, 7) and plan.spans == (1, 4, 1)
+    shared = similarity_plan(changes, 10, 2, 2, emulator_layers=3, repeat=True)
+    assert shared.emulator == (2, 3, 3, 3, 3, 7) and shared.spans == (1,) * 6
+    assert shared.notation() == "2-3 x 6-2" and shared.dropped == (4, 5, 6)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_repeated_blocks_ship_once_and_run_as_shared_modules(family, tmp_path):
+    model = tiny_model(family)
+    plan = similarity_plan([0.3, 0.1, 0.2, 0.05], 8, 2, 2, emulator_layers=2, repeat=True)
+    info = write_bundle(model, plan, tmp_path / "b", "tiny", record={"layer_selection":
+                                                                      "similarity"})
+    emulated, _ = load_bundle(tmp_path / "b")
+    blocks = resolve(emulated).blocks(emulated)
+    assert len(blocks) == 8 and blocks[2] is blocks[3] and blocks[4] is blocks[5]
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "b" / "emulator.safetensors"), "pt") as f:
+        assert {int(k.split(".")[0]) for k in f.keys()} == {2, 4}
+    out = emulated(**model_inputs(model)).logits
+    assert torch.isfinite(out).all()
+    assert info.emulator["layer_selection"] == "similarity"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_int8_emulator_is_close_to_float_and_trains_the_adapter(family, tmp_path):
+    model = tiny_model(family)
+    plan = make_plan(8, 2, 2, 2)
+    write_bundle(model, plan, tmp_path / "f", "tiny")
+    write_bundle(model, plan, tmp_path / "q", "tiny", quantize="int8")
+    float_model, _ = load_bundle(tmp_path / "f")
+    quant = EmulatedModel(tmp_path / "q")
+    blocks = resolve(quant.model).blocks(quant.model)
+    assert any(isinstance(m, Int8Linear) for m in blocks[2].modules())
+    assert not any(isinstance(m, Int8Linear) for m in blocks[0].modules())  # adapter: float
+    inputs = model_inputs(model)
+    ref, got = float_model(**inputs).logits, quant.model(**inputs).logits
+    assert (got - ref).norm() / ref.norm() < 0.05
+    before = quant.prepare("blocks")
+    train(quant.model, training_items(model), TrainConfig(lr=1e-2, max_steps=2, batch_size=4))
+    after = quant.adapter()
+    assert any(not torch.equal(before.tensors[k], after.tensors[k]) for k in before.tensors)
+    assert all(b.weight.dtype == torch.int8 for b in blocks[2].modules()
+               if isinstance(b, Int8Linear))
+
+
+def test_int8_bundle_of_the_reference_model_is_smaller_and_its_logits_stay_close(tmp_path):
+    """ref-opt (hidden 128): the emulator file is >= 3.5x smaller than fp32, and so is the
+    emulator in memory; the perplexity-relevant logits barely move."""
+    assert cli.main(["emulator", "--model", "fl-offsite/ref-opt", "--out", str(tmp_path / "f")]) == 0
+    assert cli.main(["emulator", "--model", "fl-offsite/ref-opt", "--out", str(tmp_path / "q"),
+                     "--quantize", "int8"]) == 0
+    size = {b: (tmp_path / b / "emulator.safetensors").stat().st_size for b in "fq"}
+    assert size["f"] / size["q"] >= 3.5, size
+    f, q = EmulatedModel(tmp_path / "f"), EmulatedModel(tmp_path / "q")
+
+    def emulator_bytes(emulated):
+        blocks = resolve(emulated.model).blocks(emulated.model)
+        positions = [emulated.order.index(i) for i in emulated.info.plan.emulator]
+        return sum(t.numel() * t.element_size() for p in positions
+                   for t in blocks[p].state_dict().values())
+
+    assert emulator_bytes(f) / emulator_bytes(q) >= 3.5
+    ids = torch.randint(4, 8000, (2, 64), generator=torch.Generator().manual_seed(0))
+    ref, got = f.model(input_ids=ids).logits, q.model(input_ids=ids).logits
+    assert (got.softmax(-1) - ref.softmax(-1)).abs().sum(-1).max() < 0.05  # total variation
+    assert json.loads((tmp_path / "q" / "offsite.json").read_text())["emulator"]["quantize"] == "int8"
+
+
+def test_emulator_cli_distils_on_public_text_and_records_how(tmp_path, capsys):
+    out = tmp_path / "b"
+    assert cli.main(["emulator", "--model", "fl-offsite/tiny-opt", "--out", str(out),
+                     "--layer-selection", "similarity", "--distill-data", "fl-offsite/pydoc",
+                     "--distill-steps", "6", "--distill-batch-size", "4",
+                     "--distill-max-examples", "40", "--block-size", "64", "--quantize",
+                     "int8"]) == 0
+    printed = capsys.readouterr().out
+    assert "similarity + distilled + int8" in printed and "held-out nmse" in printed
+    made = json.loads((out / "offsite.json").read_text())["emulator"]
+    assert made["distill"]["data"] == "fl-offsite/pydoc" and made["distill"]["steps"] == 6
+    assert len(made["block_changes"]) == 4
+    assert made["distill"]["held_out_best"]["nmse"] <= made["distill"]["held_out_before"]["nmse"]
+    load_bundle(out)  # verifies the hash and builds the model
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--layer-selection", "similarity"], "split: distill.data is missing"),
+    (["--repeat-blocks"], "repeat_blocks needs layer_selection: similarity"),
+    (["--distill-data", "no/such/dir/x.jsonl"], "--data: 'no/such/dir/x.jsonl'"),
+])
+def test_emulator_cli_bad_options_fail_with_one_line_and_no_bundle(argv, message, tmp_path,
+                                                                   capsys):
+    out = tmp_path / "b"
+    assert cli.main(["emulator", "--model", "fl-offsite/tiny-opt", "--out", str(out), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not out.exists()
