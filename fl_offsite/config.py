@@ -165,6 +165,16 @@ class SecAggConfig(_Section):
         return value
 
 
+class RealignConfig(_Section):
+    """Per-round re-alignment (FedBiOT-style): between rounds the model owner re-distils the
+    emulator against the full model with the global adapter plugged in, on split.distill.data,
+    and ships the new emulator blocks to each data owner as a delta of its cached bundle."""
+
+    every: int = Field(0, ge=0, description="re-align after every this many rounds (0: off)")
+    steps: int = Field(20, ge=1, description="distillation steps per re-alignment")
+    lr: float = Field(1e-4, gt=0.0)
+
+
 class ResourcesConfig(_Section):
     num_cpus: float = Field(1.0, gt=0.0)
     num_gpus: float = Field(0.0, ge=0.0)
@@ -199,6 +209,7 @@ class Config(_Section):
     faults: FaultsConfig = FaultsConfig()
     dp: DPConfig = DPConfig()
     secagg: SecAggConfig = SecAggConfig()
+    realign: RealignConfig = RealignConfig()
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -211,6 +222,17 @@ class Config(_Section):
         if self.min_clients > self.clients_per_round:
             raise ValueError(f"min_clients ({self.min_clients}) exceeds clients_per_round "
                              f"({self.clients_per_round})")
+        return self
+
+    @model_validator(mode="after")
+    def _realignment(self):
+        if self.realign.every:
+            if self.split.distill.data is None:
+                raise ValueError("realign.every: re-alignment distils on public text; set "
+                                 "split.distill.data")
+            if self.split.quantize:
+                raise ValueError("realign.every: re-alignment trains the emulator, which an int8 "
+                                 "emulator cannot; unset split.quantize or realign.every")
         return self
 
     @model_validator(mode="after")

@@ -1,7 +1,8 @@
 """The paper's comparison on the project's own model and tasks, with one command.
 
 For each task: full model zero-shot, emulator zero-shot, full fine-tuning, emulator fine-tuned
-(the data owner's view), plug-in (that adapter in the full model), and federated plug-in
+(the data owner's view), plug-in (that adapter in the full model), the same three with a
+distilled emulator (``*_distilled``: the kept blocks distilled on public text), and federated plug-in
 (``clients`` data owners, IID and Dirichlet partitions, one local epoch per round, as many
 rounds as the single-client runs have epochs, so every setting sees the same data as often).
 Several seeds; ``results.json`` holds the means (``tasks.<task>.<setting>.<metric>``) and
@@ -28,6 +29,7 @@ from .owner import build_bundle
 from .train import TrainConfig, train
 
 SETTINGS = ("zero_shot", "emulator_zero_shot", "full_ft", "emulator_ft", "plugin",
+            "emulator_zero_shot_distilled", "emulator_ft_distilled", "plugin_distilled",
             "federated_iid", "federated_dirichlet")
 MAIN = {"lm": "ppl", "multiple-choice": "acc", "image": "acc"}
 
@@ -48,11 +50,20 @@ class Plan:
     max_train: int | None = None
     max_eval: int | None = 300
     clients: int = 4
+    public_data: str = "fl-offsite/pydoc"  # the model owner's text for distillation
+    distill_steps: int = 200
 
     @classmethod
     def quick(cls) -> "Plan":
         return cls(tasks=["fl-offsite/devil", "fl-offsite/wordnet-define"], seeds=[0], epochs=1,
-                   max_train=160, max_eval=40, block_size=64, clients=2)
+                   max_train=160, max_eval=40, block_size=64, clients=2, distill_steps=10)
+
+    def split(self, distill: bool) -> SplitConfig:
+        steps = self.distill_steps if distill else 0
+        return SplitConfig(adapter_bottom=self.adapter_bottom, adapter_top=self.adapter_top,
+                           emulator_layers=self.emulator_layers,
+                           distill={"data": self.public_data if distill else None,
+                                    "steps": steps})
 
 
 def _federated(plan: Plan, task: str, bundle: Path, seed: int, partition: str, run_dir: Path) -> dict:
@@ -72,7 +83,19 @@ def _federated(plan: Plan, task: str, bundle: Path, seed: int, partition: str, r
     return summary["rounds"][-1]["plugin"]
 
 
-def run_task(plan: Plan, task: str, seed: int, bundle: Path, run_dir: Path) -> dict[str, dict]:
+def offsite_finetune(emulated: EmulatedModel, model: str, train_data, test_data, processor,
+                     cfg: TrainConfig) -> tuple[dict, dict]:
+    """Train the adapter on the emulator; metrics (emulator fine-tuned, plugged into the full
+    model)."""
+    emulated.prepare("blocks", seed=cfg.seed)
+    train(emulated.model, train_data.train_items, cfg, getattr(processor, "pad_token_id", 0) or 0)
+    tuned = evaluate(emulated.model, test_data, processor)
+    fresh = load_model(model)
+    return tuned, evaluate(plug(fresh, resolve(fresh), emulated.adapter()), test_data, processor)
+
+
+def run_task(plan: Plan, task: str, seed: int, bundle: Path, distilled: Path, run_dir: Path
+             ) -> dict[str, dict]:
     processor = load_processor(plan.model)
     train_data = data.prepare(task, "train", processor, plan.block_size, plan.max_train)
     test_data = data.prepare(task, "test", processor, plan.block_size, plan.max_eval)
@@ -86,11 +109,12 @@ def run_task(plan: Plan, task: str, seed: int, bundle: Path, run_dir: Path) -> d
     full.requires_grad_(True)
     train(full, train_data.train_items, cfg, pad)
     out["full_ft"] = evaluate(full, test_data, processor)
-    emulated.prepare("blocks", seed=seed)
-    train(emulated.model, train_data.train_items, cfg, pad)
-    out["emulator_ft"] = evaluate(emulated.model, test_data, processor)
-    fresh = load_model(plan.model)
-    out["plugin"] = evaluate(plug(fresh, resolve(fresh), emulated.adapter()), test_data, processor)
+    out["emulator_ft"], out["plugin"] = offsite_finetune(emulated, plan.model, train_data,
+                                                         test_data, processor, cfg)
+    emulated = EmulatedModel(distilled)
+    out["emulator_zero_shot_distilled"] = evaluate(emulated.model, test_data, processor)
+    out["emulator_ft_distilled"], out["plugin_distilled"] = offsite_finetune(
+        emulated, plan.model, train_data, test_data, processor, cfg)
     for partition in ("iid", "dirichlet"):
         out[f"federated_{partition}"] = _federated(plan, task, bundle, seed, partition, run_dir)
     return out
@@ -114,17 +138,40 @@ def _table(results: dict, plan: Plan) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _better(a: float, b: float, metric: str) -> bool:
+    return a < b if metric == "ppl" else a > b
+
+
+def targets(results: dict) -> dict[str, dict[str, bool]]:
+    """The issue's targets per task: plug-in > emulator fine-tuned > zero-shot; plug-in within
+    10% (ppl) or 2 points (accuracy) of full fine-tuning; federated IID within 2% of plug-in."""
+    checks = {}
+    for task, r in results["tasks"].items():
+        m = results["main_metric"][task]
+        v = {s: r[s][m] for s in SETTINGS}
+        close = (lambda a, b, tol: a <= b * (1 + tol)) if m == "ppl" else \
+            (lambda a, b, tol: a >= b - tol)
+        checks[task] = {
+            "plugin_beats_emulator_ft": _better(v["plugin"], v["emulator_ft"], m),
+            "emulator_ft_beats_zero_shot": _better(v["emulator_ft"], v["zero_shot"], m),
+            "plugin_near_full_ft": close(v["plugin"], v["full_ft"], 0.10 if m == "ppl" else 0.02),
+            "federated_iid_near_plugin": close(v["federated_iid"], v["plugin"],
+                                               0.02 if m == "ppl" else 0.02),
+        }
+    return checks
+
+
 def reproduce(plan: Plan, run_dir: Path) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
-    bundle = run_dir / "bundle"
-    if not (bundle / "offsite.json").is_file():
-        build_bundle(plan.model, bundle, SplitConfig(adapter_bottom=plan.adapter_bottom,
-                                                     adapter_top=plan.adapter_top,
-                                                     emulator_layers=plan.emulator_layers))
+    bundle, distilled = run_dir / "bundle", run_dir / "bundle-distilled"
+    for path, distill in ((bundle, False), (distilled, True)):
+        if not (path / "offsite.json").is_file():
+            build_bundle(plan.model, path, plan.split(distill))
     results: dict = {"plan": asdict(plan), "tasks": {}, "spread": {}, "main_metric": {}}
     started = time.time()
     for task in plan.tasks:
-        per_seed = [run_task(plan, task, seed, bundle, run_dir / "runs") for seed in plan.seeds]
+        per_seed = [run_task(plan, task, seed, bundle, distilled, run_dir / "runs")
+                    for seed in plan.seeds]
         name = Path(task).name
         kind = data.task_kind(data.load_split(task, "test"))
         results["main_metric"][name] = MAIN[kind]
@@ -135,6 +182,10 @@ def reproduce(plan: Plan, run_dir: Path) -> dict:
         print(f"{name}: " + ", ".join(f"{s} {results['tasks'][name][s][MAIN[kind]]:.4g}"
                                       for s in SETTINGS), flush=True)
     results["seconds"] = time.time() - started
+    results["targets"] = targets(results)
+    table = _table(results, plan) + "\nTargets met:\n\n" + "".join(
+        f"- {task}: " + ", ".join(f"{k} {'yes' if ok else 'NO'}" for k, ok in t.items()) + "\n"
+        for task, t in results["targets"].items())
     atomic_write_json(run_dir / "results.json", results)
-    atomic_write_bytes(run_dir / "results.md", _table(results, plan).encode())
+    atomic_write_bytes(run_dir / "results.md", table.encode())
     return results

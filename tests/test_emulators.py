@@ -186,3 +186,69 @@ def test_emulator_cli_bad_options_fail_with_one_line_and_no_bundle(argv, message
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not out.exists()
+
+
+REALIGN = {
+    "name": "realign", "model": "fl-offsite/tiny-opt", "num_clients": 3, "clients_per_round": 2,
+    "rounds": 3, "seed": 0, "bundle_transport": "message",
+    "split": {"emulator_layers": 2, "distill": {"data": "fl-offsite/devil", "max_examples": 60,
+                                                "block_size": 32, "batch_size": 4}},
+    "realign": {"every": 1, "steps": 3, "lr": 1e-3},
+    "data": {"path": "fl-offsite/pydoc", "block_size": 32, "max_eval_examples": 20},
+    "train": {"lr": 0.002, "local_steps": 2, "batch_size": 4},
+}
+
+
+def _files(bundle_dir):
+    from fl_offsite.fileio import load_tensors
+    return {name: load_tensors(bundle_dir / name) for name in
+            ("emulator.safetensors", "shared.safetensors", "adapter.safetensors")}
+
+
+def test_realignment_changes_only_the_emulator_blocks(tmp_path):
+    from fl_offsite import config as configs
+    from fl_offsite.federation.server import ModelOwner
+
+    cfg = configs.load(None, REALIGN)
+    owner = ModelOwner(cfg, tmp_path)
+    base_dir, base_hash = owner.bundle_dir, owner.info.bundle_hash
+    adapter = owner.initial.with_tensors({k: v + 0.01 for k, v in owner.initial.tensors.items()})
+    realigned, report = owner.realign(adapter, 1, tmp_path)
+    assert owner.bundle_dir == tmp_path / "bundles" / "round-0001"
+    assert owner.info.bundle_hash != base_hash and realigned.bundle_hash == owner.info.bundle_hash
+    assert all(torch.equal(realigned.tensors[k], adapter.tensors[k]) for k in adapter.tensors)
+    old, new = _files(base_dir), _files(owner.bundle_dir)
+    for name in ("shared.safetensors", "adapter.safetensors"):
+        assert old[name].keys() == new[name].keys()
+        assert all(torch.equal(old[name][k], new[name][k]) for k in old[name])
+    assert old["emulator.safetensors"].keys() == new["emulator.safetensors"].keys()
+    assert any(not torch.equal(old["emulator.safetensors"][k], new["emulator.safetensors"][k])
+               for k in old["emulator.safetensors"])
+    assert (base_dir / "config.json").read_text() == (owner.bundle_dir / "config.json").read_text()
+    assert report["held_out_best"]["loss"] <= report["held_out_before"]["loss"]
+    owner.emulator_metrics(realigned)  # the new emulator takes the re-stamped adapter
+
+
+@pytest.mark.slow
+def test_realigned_emulators_reach_data_owners_as_deltas_of_their_cached_bundle(tmp_path):
+    from fl_offsite import config as configs
+    from fl_offsite.federation.runtime import new_run_dir
+    from fl_offsite.federation.simulation import simulate
+
+    cfg = configs.load(None, REALIGN)
+    run_dir = new_run_dir(cfg, tmp_path / "run")
+    summary = simulate(cfg, run_dir)
+    rounds = summary["rounds"]
+    assert [r["clients_ok"] for r in rounds] == [2, 2, 2]
+    hashes = [r["realign"]["bundle_hash"] for r in rounds[:2]]
+    assert "realign" not in rounds[2] and len(set(hashes)) == 2
+    assert sum(r.get("bundle_deltas_sent", 0) for r in rounds) >= 2
+    assert all(r["realign"]["delta_bytes"] < summary["bundle"]["bytes"] for r in rounds[:2])
+    cached = run_dir / "cache" / "bundles"
+    for h in hashes:  # the data owners rebuilt each version from their cache, hash-checked
+        assert (cached / h / "offsite.json").is_file()
+    base = _files(cached / summary["bundle"]["hash"])
+    latest = _files(cached / hashes[-1])
+    assert all(torch.equal(base["shared.safetensors"][k], latest["shared.safetensors"][k])
+               for k in base["shared.safetensors"])
+    assert rounds[-1]["plugin"]["ppl"] < summary["zero_shot"]["ppl"]

@@ -50,7 +50,12 @@ def hello(msg: Message, context: Context) -> Message:
 def receive_bundle(msg: Message, context: Context) -> Message:
     meta = msg.content["bundle"]
     bundle_hash = str(meta["hash"])
-    if "path" in meta:
+    if "base" in meta:  # a re-aligned emulator: rebuild from the cached version
+        base = _cached_bundle(str(meta["base"]), context)
+        bundle_dir = cache_root(context) / bundle_hash
+        protocol.apply_bundle_delta(msg.content, base.info.path, bundle_dir)
+        _EMULATED.pop(base.info.bundle_hash, None)  # other nodes still on it reload from disk
+    elif "path" in meta:
         bundle_dir = Path(str(meta["path"]))
     else:
         bundle_dir = cache_root(context) / bundle_hash

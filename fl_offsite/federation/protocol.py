@@ -9,6 +9,9 @@ Messages (Flower Message API):
   simulation) it names a directory every virtual data owner can read; with ``message``
   transport (deployment) it carries the bundle's tensors in one ArrayRecord and its small
   files in a ConfigRecord. Either way the byte count is what a real node would receive.
+- ``query.bundle`` with a ``base`` hash (after a re-alignment): only the new emulator blocks
+  and the bundle's metadata; the data owner rebuilds the new bundle from its cached one
+  (shared parts, adapter and tokenizer are unchanged) and checks the announced hash.
 - ``train`` (every round): exactly one ArrayRecord, the global adapter (so Flower's client-side
   DP mods apply), and a ConfigRecord with the bundle hash and the training task as JSON.
   The reply holds the trained adapter (one ArrayRecord) and a MetricRecord with
@@ -84,6 +87,43 @@ def write_bundle_content(content: RecordDict, target: Path) -> None:
     with atomic_dir(target, overwrite=True) as tmp:
         for name, tensors in per_file.items():
             save_tensors(tmp / name, tensors)
+        for key, data in content["files"].items():
+            (tmp / key.removeprefix("file:")).write_bytes(data)
+
+
+DELTA_FILES = ("emulator.safetensors",)
+
+
+def bundle_delta_content(bundle_dir: Path, bundle_hash: str, base_hash: str) -> RecordDict:
+    """The part of a re-aligned bundle that differs from any earlier version of it."""
+    from ..fileio import load_tensors
+
+    meta = ConfigRecord({"hash": bundle_hash, "base": base_hash,
+                         "bytes": delta_size(bundle_dir)})
+    files = ConfigRecord({f"file:{n}": b for n, b in bundle_files(bundle_dir).items()})
+    tensors = OrderedDict((f"emulator.safetensors/{k}", v) for k, v in
+                          load_tensors(bundle_dir / "emulator.safetensors").items())
+    return RecordDict({"bundle": meta, "files": files, "arrays": ArrayRecord(tensors)})
+
+
+def delta_size(bundle_dir: Path) -> int:
+    """Bytes of a delta: the emulator file and the small files."""
+    return sum(p.stat().st_size for p in Path(bundle_dir).iterdir()
+               if p.is_file() and p.name not in set(TENSOR_FILES) - set(DELTA_FILES))
+
+
+def apply_bundle_delta(content: RecordDict, base_dir: Path, target: Path) -> None:
+    """A new bundle directory: ``base_dir``'s unchanged tensor files + the delta's files."""
+    import shutil
+
+    from ..fileio import atomic_dir, save_tensors
+
+    emulator = {key.partition("/")[2]: t for key, t in record_tensors(content["arrays"]).items()}
+    with atomic_dir(target, overwrite=True) as tmp:
+        for name in TENSOR_FILES:
+            if name not in DELTA_FILES:
+                shutil.copy2(base_dir / name, tmp / name)
+        save_tensors(tmp / "emulator.safetensors", emulator)
         for key, data in content["files"].items():
             (tmp / key.removeprefix("file:")).write_bytes(data)
 

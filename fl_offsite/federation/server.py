@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from flwr.app import Message, RecordDict
@@ -28,7 +29,7 @@ from ..config import Config, dump
 from ..emulator import EmulatedModel
 from ..errors import UserError
 from ..evaluate import evaluate
-from ..fileio import tensors_hash
+from ..fileio import load_tensors, tensors_hash
 from ..models import load_model, load_processor
 from ..owner import make_emulator
 from . import checkpoint, protocol, secagg
@@ -66,6 +67,7 @@ class ModelOwner:
         self.initial = self.emulated.prepare(cfg.tuning.kind, lora, seed=cfg.seed)
         self.eval_data = data.prepare(cfg.data.path, cfg.data.eval_split, self.processor,
                                       cfg.data.block_size, cfg.data.max_eval_examples)
+        self.public = None  # public text for re-alignment, loaded when first needed
 
     def plugin_metrics(self, adapter: Adapter | None) -> dict:
         """Metrics of the full model with ``adapter`` plugged in (None: zero-shot)."""
@@ -78,6 +80,40 @@ class ModelOwner:
     def emulator_metrics(self, adapter: Adapter) -> dict:
         self.emulated.set_adapter(adapter)
         return evaluate(self.emulated.model, self.eval_data, self.processor)
+
+    def use_bundle(self, bundle_dir: Path) -> None:
+        """Switch to another version of the bundle (a re-aligned emulator)."""
+        self.bundle_dir = bundle_dir
+        self.emulated = EmulatedModel(bundle_dir)
+        self.info = self.emulated.info
+        self.emulated.prepare(self.cfg.tuning.kind, self.lora, seed=self.cfg.seed)
+
+    def realign(self, adapter: Adapter, rnd: int, run_dir: Path) -> tuple[Adapter, dict]:
+        """Re-distil the emulator against the full model with ``adapter`` plugged in
+        (FedBiOT-style), write that bundle version and switch to it. Returns the adapter,
+        re-stamped for the new bundle, and the distillation report."""
+        from ..distill import distill, emulated_from_full
+        from ..owner import public_items
+
+        if self.public is None:
+            self.public = public_items(self.cfg.split.distill, self.processor)
+        plan, d, r = self.info.plan, self.cfg.split.distill, self.cfg.realign
+        order = tuple(range(plan.depth))
+        adapters.load_into(self.model, self.arch, order, self.pristine)
+        adapters.plug(self.model, self.arch, adapter)
+        student = emulated_from_full(self.model, self.arch, plan,
+                                     load_tensors(self.bundle_dir / "emulator.safetensors"))
+        tensors, report = distill(self.model, student, self.arch, plan, *self.public, r.steps,
+                                  r.lr, d.batch_size, d.kd_weight, d.lm_weight, d.layer_weight,
+                                  eval_every=r.steps, seed=d.seed + rnd,
+                                  pad_id=getattr(self.processor, "pad_token_id", 0) or 0)
+        adapters.load_into(self.model, self.arch, order, self.pristine)
+        record = {**self.info.emulator, "realigned_after_round": rnd, "realign": report}
+        target = run_dir / "bundles" / f"round-{rnd:04d}"
+        write_bundle(self.model, plan, target, self.cfg.model, self.processor, tensors,
+                     record=record, overwrite=True)
+        self.use_bundle(target)
+        return replace(adapter, bundle_hash=self.info.bundle_hash), report
 
     def task(self) -> dict:
         """What every data owner needs to know to train (sent as JSON in each train message)."""
@@ -97,6 +133,21 @@ class ModelOwner:
             "dp": cfg.dp.model_dump() if cfg.dp.noise_multiplier > 0 else None,
             "round_timeout": cfg.round_timeout,
         }
+
+
+def _realign(owner: ModelOwner, current: Adapter, rnd: int, run_dir: Path, cfg: Config) -> dict:
+    """Re-align the emulator after round ``rnd``; what the round record says about it."""
+    started = time.time()
+    adapter, report = owner.realign(current, rnd, run_dir)
+    print(f"round {rnd}: re-aligned the emulator, held-out nmse "
+          f"{report['held_out_before']['nmse']:.4f} -> {report['held_out_best']['nmse']:.4f}",
+          flush=True)
+    return {"bundle_hash": owner.info.bundle_hash, "path": str(owner.bundle_dir),
+            "nmse_before": report["held_out_before"]["nmse"],
+            "nmse_after": report["held_out_best"]["nmse"],
+            "delta_bytes": protocol.delta_size(owner.bundle_dir),
+            "emulator": owner.emulator_metrics(adapter) if cfg.evaluate_emulator else {},
+            "seconds": time.time() - started}
 
 
 def _privacy_spent(rounds: list[dict], dp) -> dict:
@@ -168,33 +219,58 @@ class NodeDirectory:
 
 
 class BundleShipper:
-    """Sends the bundle to each data owner once; remembers who has it."""
+    """Sends the bundle to each data owner once, and after a re-alignment only the new
+    emulator (a delta of the version the data owner has); remembers who has which version."""
 
     def __init__(self, owner: ModelOwner, transport: str, timeout: float):
         self.owner = owner
         self.transport = transport
         self.timeout = timeout
-        self.delivered: set[int] = set()
+        self.delivered: dict[int, str] = {}  # node id -> bundle hash it holds
         self.size = protocol.bundle_size(owner.bundle_dir)
-        self._content = None
+        self._content: dict[tuple, RecordDict] = {}
 
-    def ship(self, grid: Grid, node_ids: set[int]) -> tuple[set[int], int]:
-        """Deliver to those of ``node_ids`` that lack it; returns (failed nodes, bundles sent)."""
-        missing = sorted(node_ids - self.delivered)
+    def ship(self, grid: Grid, node_ids: set[int]) -> tuple[set[int], int, int, int]:
+        """Bring those of ``node_ids`` that lack the current version up to date; returns
+        (failed nodes, full bundles sent, deltas sent, bytes sent)."""
+        current = self.owner.info.bundle_hash
+        missing = sorted(n for n in node_ids if self.delivered.get(n) != current)
         if not missing:
-            return set(), 0
-        if self._content is None:
-            self._content = protocol.bundle_content(self.owner.bundle_dir,
-                                                    self.owner.info.bundle_hash, self.transport)
-        messages = [Message(self._content, dst_node_id=n,
-                            message_type=f"query.{protocol.BUNDLE_ACTION}") for n in missing]
+            return set(), 0, 0, 0
+        messages, full, deltas, sent = [], 0, 0, 0
+        for n in missing:
+            base = self.delivered.get(n)
+            messages.append(Message(self._payload(base), dst_node_id=n,
+                                    message_type=f"query.{protocol.BUNDLE_ACTION}"))
+            size = int(messages[-1].content["bundle"]["bytes"])
+            full, deltas, sent = full + (base is None), deltas + (base is not None), sent + size
         replies = grid.send_and_receive(messages, timeout=self.timeout)
         ok = {r.metadata.src_node_id for r in replies if not r.has_error()}
-        self.delivered |= ok
-        return set(missing) - ok, len(missing)
+        self.delivered.update({n: current for n in ok})
+        return set(missing) - ok, full, deltas, sent
+
+    def _payload(self, base: str | None) -> RecordDict:
+        info = self.owner.info
+        key = (info.bundle_hash, base)
+        if key not in self._content:
+            self._content[key] = protocol.bundle_content(
+                self.owner.bundle_dir, info.bundle_hash, self.transport) if base is None else \
+                protocol.bundle_delta_content(self.owner.bundle_dir, info.bundle_hash, base)
+        return self._content[key]
 
     def forget(self, node_id: int) -> None:
-        self.delivered.discard(node_id)
+        self.delivered.pop(node_id, None)
+
+
+def realigned_bundle(run_dir: Path, bundle_hash: str) -> Path:
+    """The re-aligned bundle version with ``bundle_hash`` in ``run_dir`` (for --resume)."""
+    from ..bundle import read_info
+
+    for candidate in sorted((run_dir / "bundles").glob("round-*")):
+        if read_info(candidate).bundle_hash == bundle_hash:
+            return candidate
+    raise UserError(f"--resume: the checkpoint's adapter belongs to bundle {bundle_hash[:12]}, "
+                    f"which is not in {run_dir / 'bundles'}; start a new run")
 
 
 def run_federation(grid: Grid, cfg: Config, run_dir: Path, resume: bool = False) -> dict:
@@ -220,6 +296,8 @@ def _rounds(grid: Grid, cfg: Config, run_dir: Path, owner: ModelOwner, log: RunL
         state = checkpoint.load(run_dir, strategy, run_print)
         log.resume(state.round, state.bytes_down_total, state.bytes_up_total)
         current, first_round = state.adapter, state.round + 1
+        if current.bundle_hash != owner.info.bundle_hash:  # a re-aligned emulator
+            owner.use_bundle(realigned_bundle(run_dir, current.bundle_hash))
         print(f"resuming after round {state.round}", flush=True)
     else:
         current, first_round = owner.initial, 1
@@ -237,14 +315,14 @@ def _rounds(grid: Grid, cfg: Config, run_dir: Path, owner: ModelOwner, log: RunL
         messages = list(strategy.configure_train(rnd, protocol.adapter_record(current),
                                                  train_config, nodes))
         sampled = {m.metadata.dst_node_id for m in messages}
-        undelivered, bundles_sent = shipper.ship(grid, sampled)
+        undelivered, bundles_sent, deltas_sent, bundle_bytes = shipper.ship(grid, sampled)
         messages = [m for m in messages if m.metadata.dst_node_id not in undelivered]
-        bytes_down = shipper.size * bundles_sent + protocol.adapter_bytes(current) * len(messages)
+        bytes_down = bundle_bytes + protocol.adapter_bytes(current) * len(messages)
         sent_at = time.time()
         if cfg.secagg.enabled:  # SecAgg+: the model owner only ever sees the sum (secagg.py)
             secure = secagg.train_round(grid, messages, current, rnd, cfg)
             replies = secure.replies
-            bytes_down = shipper.size * bundles_sent + secure.bytes_down
+            bytes_down = bundle_bytes + secure.bytes_down
         else:
             secure = None
             replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
@@ -288,6 +366,12 @@ def _rounds(grid: Grid, cfg: Config, run_dir: Path, owner: ModelOwner, log: RunL
             "bytes_down": bytes_down,
             "bytes_up": bytes_up,
         }
+        if deltas_sent:
+            record["bundle_deltas_sent"] = deltas_sent
+        if cfg.realign.every and rnd % cfg.realign.every == 0 and rnd < cfg.rounds:
+            record["realign"] = _realign(owner, current, rnd, run_dir, cfg)
+            current = replace(current, bundle_hash=owner.info.bundle_hash)
+            train_config = protocol.task_config(owner.info.bundle_hash, owner.task())
         current.save(checkpoints / f"round-{rnd:04d}.safetensors")
         for old in sorted(checkpoints.glob("round-*.safetensors"))[:-cfg.keep_checkpoints]:
             old.unlink()

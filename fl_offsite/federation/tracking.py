@@ -84,6 +84,12 @@ class RunLog:
         self._scalars("round", {"seconds": record["seconds"]}, step)
         if "dp" in record:
             self._scalars("privacy", {"epsilon": record["dp"]["epsilon"]}, step)
+        if "realign" in record:
+            realign = record["realign"]
+            self._scalars("realign", {"nmse_before": realign["nmse_before"],
+                                      "nmse_after": realign["nmse_after"],
+                                      **{f"emulator_{k}": v for k, v in realign["emulator"].items()}},
+                          step)
         self.writer.flush()
         self.summary["rounds"].append(record)
         self.save()
