@@ -101,6 +101,12 @@ def _bad_inputs(tmp_path, pydoc_data):
          "emulator_layers"),
         (["simulate", "--config", DEMO_CONFIG, "--set", "data.path=/no/such/data"], "--data"),
         (["simulate", "--config", DEMO_CONFIG, "--set", "rounds"], "key=value"),
+        (["simulate", "--config", DEMO_CONFIG, "--set", "split.distill.data=/no/such/text",
+          "--set", "split.distill.steps=5"], "split.distill.data"),
+        (["simulate", "--config", DEMO_CONFIG, "--set", "realign.every=1"], "realign.every"),
+        (["simulate", "--config", DEMO_CONFIG, "--set", "split.layer_selection=similarity"],
+         "distill.data is missing"),
+        (["simulate", "--config", DEMO_CONFIG, "--set", "split.quantize=int4"], "split.quantize"),
         (["simulate", "--config", DEMO_CONFIG, "--out", occupied], "--out"),
     ], occupied
 

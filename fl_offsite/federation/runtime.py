@@ -31,6 +31,11 @@ def preflight(cfg: configs.Config, simulation: bool = True) -> None:
     for split in ("train", cfg.data.eval_split):
         if len(data.load_split(cfg.data.path, split)) == 0:
             raise UserError(f"data.path: {cfg.data.path} split {split!r} is empty")
+    if cfg.split.distill.data and (not cfg.bundle or cfg.realign.every):
+        try:
+            data.load_split(cfg.split.distill.data, "train")
+        except UserError as exc:
+            raise UserError(f"split.distill.data: {exc}".replace("--data: ", "")) from None
 
 
 def new_run_dir(cfg: configs.Config, out: str | Path | None) -> Path:
@@ -67,4 +72,13 @@ def config_from_run_config(run_config: dict) -> tuple[configs.Config, str | None
     path = overrides.pop("config", None) or None
     out = overrides.pop("out", None) or None
     overrides = {k: (None if v == "" else v) for k, v in overrides.items()}
-    return configs.load(path, overrides), out
+    return configs.load(_app_path(path) if path else None, overrides), out
+
+
+def _app_path(path: str) -> Path:
+    """A relative config path as given, or else beside the project (a deployed ServerApp runs
+    in the SuperLink's directory, not the project's)."""
+    given = Path(path)
+    beside_project = Path(__file__).resolve().parents[2] / given
+    return beside_project if not given.is_absolute() and not given.exists() and \
+        beside_project.exists() else given
