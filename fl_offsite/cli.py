@@ -312,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("reproduce", help="the paper's comparison on the packaged model and tasks")
     p.add_argument("--quick", action="store_true", help="small version (a few minutes)")
-    p.add_argument("--model", help="model to compare (default fl-offsite/ref-opt)")
+    p.add_argument("--model", help="model for the text tasks (default fl-offsite/ref-opt; "
+                                   "fl-offsite/digits runs on fl-offsite/ref-vit)")
     p.add_argument("--seeds", type=int, nargs="+")
     p.add_argument("--out", type=Path, help="run directory (default runs/reproduce-<time>)")
     p.set_defaults(func=cmd_reproduce)

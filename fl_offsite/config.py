@@ -127,11 +127,21 @@ class FaultsConfig(_Section):
 
 
 class DPConfig(_Section):
-    """Client-side differential privacy on each upload (off while noise_multiplier is 0)."""
+    """Client-side differential privacy: ``update`` noises each upload (off while
+    noise_multiplier is 0); ``dpsgd`` trains with per-example clipping and noise (Opacus)."""
 
-    clip_norm: float = Field(1.0, gt=0.0, description="L2 bound of each adapter update")
-    noise_multiplier: float = Field(0.0, ge=0.0, description="noise std / clip_norm")
+    mode: Literal["update", "dpsgd"] = "update"
+    clip_norm: float = Field(1.0, gt=0.0, description="update: L2 bound of each adapter update")
+    max_grad_norm: float = Field(1.0, gt=0.0, description="dpsgd: L2 bound of each example's "
+                                 "gradient")
+    noise_multiplier: float = Field(0.0, ge=0.0, description="noise std / clip_norm (update) "
+                                    "or / max_grad_norm (dpsgd)")
     delta: float = Field(1e-5, gt=0.0, lt=1.0)
+
+    @property
+    def active(self) -> bool:
+        """DP-SGD always (noise 0: clipping only, epsilon infinite); update noise when > 0."""
+        return self.mode == "dpsgd" or self.noise_multiplier > 0
 
 
 # Strategies whose aggregate is a function of the example-weighted mean of the uploads, so they
@@ -233,6 +243,20 @@ class Config(_Section):
             if self.split.quantize:
                 raise ValueError("realign.every: re-alignment trains the emulator, which an int8 "
                                  "emulator cannot; unset split.quantize or realign.every")
+        return self
+
+    @model_validator(mode="after")
+    def _dp_sgd(self):
+        """Refuse what DP-SGD's accounting cannot cover."""
+        if self.dp.mode != "dpsgd":
+            return self
+        if self.train.grad_accum != 1:
+            raise ValueError("train.grad_accum: dp.mode dpsgd takes one noisy step per sampled "
+                             "batch (accumulated batches would be accounted wrongly); set "
+                             "train.grad_accum=1 and raise train.batch_size instead")
+        if self.train.mixed_precision != "no":
+            raise ValueError("train.mixed_precision: dp.mode dpsgd trains without autocast; set "
+                             "train.mixed_precision=no (a bfloat16 model via dtype works)")
         return self
 
     @model_validator(mode="after")

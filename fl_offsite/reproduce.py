@@ -5,8 +5,10 @@ For each task: full model zero-shot, emulator zero-shot, full fine-tuning, emula
 distilled emulator (``*_distilled``: the kept blocks distilled on public text), and federated plug-in
 (``clients`` data owners, IID and Dirichlet partitions, one local epoch per round, as many
 rounds as the single-client runs have epochs, so every setting sees the same data as often).
-Several seeds; ``results.json`` holds the means (``tasks.<task>.<setting>.<metric>``) and
-the spreads, ``results.md`` the table.
+Each task runs on its own model (``Plan.models``: the image task on the reference ViT, the
+rest on ``Plan.model``), with one bundle and one distilled bundle per model, distilled on that
+model's public data (``Plan.public_data``). Several seeds; ``results.json`` holds the means
+(``tasks.<task>.<setting>.<metric>``) and the spreads, ``results.md`` the table.
 """
 
 from __future__ import annotations
@@ -37,8 +39,11 @@ MAIN = {"lm": "ppl", "multiple-choice": "acc", "image": "acc"}
 @dataclass
 class Plan:
     model: str = "fl-offsite/ref-opt"
-    tasks: list[str] = field(default_factory=lambda: ["fl-offsite/devil", "fl-offsite/wordnet-define",
-                                                      "fl-offsite/bible-cloze"])
+    tasks: list[str] = field(default_factory=lambda: [
+        "fl-offsite/devil", "fl-offsite/wordnet-define", "fl-offsite/bible-cloze", "fl-offsite/digits"])
+    # the model a task runs on, where it is not `model`
+    models: dict[str, str] = field(default_factory=lambda: {
+        "fl-offsite/digits": "fl-offsite/ref-vit"})
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     adapter_bottom: int = 2
     adapter_top: int = 2
@@ -50,20 +55,39 @@ class Plan:
     max_train: int | None = None
     max_eval: int | None = 300
     clients: int = 4
-    public_data: str = "fl-offsite/pydoc"  # the model owner's text for distillation
+    # the model owner's public data for distillation, per model ("*": any other model)
+    public_data: dict[str, str] = field(default_factory=lambda: {
+        "*": "fl-offsite/pydoc", "fl-offsite/ref-vit": "fl-offsite/rendered-digits"})
     distill_steps: int = 200
 
     @classmethod
     def quick(cls) -> "Plan":
-        return cls(tasks=["fl-offsite/devil", "fl-offsite/wordnet-define"], seeds=[0], epochs=1,
-                   max_train=160, max_eval=40, block_size=64, clients=2, distill_steps=10)
+        return cls(tasks=["fl-offsite/devil", "fl-offsite/wordnet-define", "fl-offsite/digits"],
+                   seeds=[0], epochs=1, max_train=160, max_eval=40, block_size=64, clients=2,
+                   distill_steps=10)
 
-    def split(self, distill: bool) -> SplitConfig:
-        steps = self.distill_steps if distill else 0
+    def model_for(self, task: str) -> str:
+        return self.models.get(task, self.model)
+
+    def by_model(self) -> dict[str, list[str]]:
+        """The models the tasks run on, each with its tasks, in task order."""
+        out: dict[str, list[str]] = {}
+        for task in self.tasks:
+            out.setdefault(self.model_for(task), []).append(task)
+        return out
+
+    def split(self, model: str, distill: bool) -> SplitConfig:
+        public = self.public_data.get(model, self.public_data["*"])
         return SplitConfig(adapter_bottom=self.adapter_bottom, adapter_top=self.adapter_top,
                            emulator_layers=self.emulator_layers,
-                           distill={"data": self.public_data if distill else None,
-                                    "steps": steps})
+                           distill={"data": public if distill else None,
+                                    "steps": self.distill_steps if distill else 0})
+
+
+def bundle_dirs(run_dir: Path, model: str) -> tuple[Path, Path]:
+    """Where the run keeps ``model``'s bundle and its distilled bundle."""
+    name = Path(model).name
+    return run_dir / f"bundle-{name}", run_dir / f"bundle-{name}-distilled"
 
 
 def _federated(plan: Plan, task: str, bundle: Path, seed: int, partition: str, run_dir: Path) -> dict:
@@ -72,8 +96,8 @@ def _federated(plan: Plan, task: str, bundle: Path, seed: int, partition: str, r
     from .federation.simulation import simulate
 
     cfg = configs.load(None, {
-        "name": f"{Path(task).name}-{partition}-{seed}", "model": plan.model, "seed": seed,
-        "bundle": str(bundle), "num_clients": plan.clients, "clients_per_round": plan.clients,
+        "name": f"{Path(task).name}-{partition}-{seed}", "model": plan.model_for(task),
+        "seed": seed, "bundle": str(bundle), "num_clients": plan.clients, "clients_per_round": plan.clients,
         "rounds": plan.epochs, "evaluate_emulator": False,
         "data": {"path": task, "block_size": plan.block_size, "max_eval_examples": plan.max_eval,
                  "max_train_examples": plan.max_train},
@@ -96,32 +120,35 @@ def offsite_finetune(emulated: EmulatedModel, model: str, train_data, test_data,
 
 def run_task(plan: Plan, task: str, seed: int, bundle: Path, distilled: Path, run_dir: Path
              ) -> dict[str, dict]:
-    processor = load_processor(plan.model)
+    model = plan.model_for(task)
+    processor = load_processor(model)
     train_data = data.prepare(task, "train", processor, plan.block_size, plan.max_train)
     test_data = data.prepare(task, "test", processor, plan.block_size, plan.max_eval)
     cfg = TrainConfig(lr=plan.lr, epochs=plan.epochs, batch_size=plan.batch_size, seed=seed)
     pad = getattr(processor, "pad_token_id", 0) or 0
     out = {}
-    full = load_model(plan.model)
+    full = load_model(model)
     out["zero_shot"] = evaluate(full, test_data, processor)
     emulated = EmulatedModel(bundle)
     out["emulator_zero_shot"] = evaluate(emulated.model, test_data, processor)
     full.requires_grad_(True)
     train(full, train_data.train_items, cfg, pad)
     out["full_ft"] = evaluate(full, test_data, processor)
-    out["emulator_ft"], out["plugin"] = offsite_finetune(emulated, plan.model, train_data,
+    out["emulator_ft"], out["plugin"] = offsite_finetune(emulated, model, train_data,
                                                          test_data, processor, cfg)
     emulated = EmulatedModel(distilled)
     out["emulator_zero_shot_distilled"] = evaluate(emulated.model, test_data, processor)
     out["emulator_ft_distilled"], out["plugin_distilled"] = offsite_finetune(
-        emulated, plan.model, train_data, test_data, processor, cfg)
+        emulated, model, train_data, test_data, processor, cfg)
     for partition in ("iid", "dirichlet"):
         out[f"federated_{partition}"] = _federated(plan, task, bundle, seed, partition, run_dir)
     return out
 
 
 def _table(results: dict, plan: Plan) -> str:
-    lines = [f"Model `{plan.model}`, {plan.adapter_bottom}-{plan.emulator_layers}-"
+    models = ", ".join(f"`{model}` ({', '.join(Path(t).name for t in tasks)})"
+                       for model, tasks in plan.by_model().items())
+    lines = [f"Models {models}, {plan.adapter_bottom}-{plan.emulator_layers}-"
              f"{plan.adapter_top}, {plan.epochs} epoch(s), seeds {plan.seeds}, "
              f"{plan.clients} federated data owners. Mean ± spread (stdev over seeds).", "",
              "| setting | " + " | ".join(f"{Path(t).name} ({m})" for t, m in
@@ -163,15 +190,15 @@ def targets(results: dict) -> dict[str, dict[str, bool]]:
 
 def reproduce(plan: Plan, run_dir: Path) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
-    bundle, distilled = run_dir / "bundle", run_dir / "bundle-distilled"
-    for path, distill in ((bundle, False), (distilled, True)):
-        if not (path / "offsite.json").is_file():
-            build_bundle(plan.model, path, plan.split(distill))
+    for model in plan.by_model():
+        for path, distill in zip(bundle_dirs(run_dir, model), (False, True)):
+            if not (path / "offsite.json").is_file():
+                build_bundle(model, path, plan.split(model, distill))
     results: dict = {"plan": asdict(plan), "tasks": {}, "spread": {}, "main_metric": {}}
     started = time.time()
     for task in plan.tasks:
-        per_seed = [run_task(plan, task, seed, bundle, distilled, run_dir / "runs")
-                    for seed in plan.seeds]
+        per_seed = [run_task(plan, task, seed, *bundle_dirs(run_dir, plan.model_for(task)),
+                             run_dir / "runs") for seed in plan.seeds]
         name = Path(task).name
         kind = data.task_kind(data.load_split(task, "test"))
         results["main_metric"][name] = MAIN[kind]

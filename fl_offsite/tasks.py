@@ -12,7 +12,8 @@ train / validation / test splits disjoint by construction (split by a hash of th
   followed by its true second half or the second halves of three other verses.
 
 Every row has a ``group`` column (first letter, part of speech, first word of the verse) for
-non-IID partitioning (``partition.by: group``). Seeded and deterministic.
+non-IID partitioning (``partition.by: group``). Seeded and deterministic. The image task
+(``digits``) and the ViT's public data are built by ``python -m fl_offsite.vision data``.
 """
 
 from __future__ import annotations

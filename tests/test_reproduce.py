@@ -1,4 +1,5 @@
-"""`fl-offsite reproduce --quick`: every setting of the paper's comparison, on every task."""
+"""`fl-offsite reproduce --quick`: every setting of the paper's comparison, on every task
+(the text tasks on the reference OPT, the image task on the reference ViT)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ def test_quick_reproduction_writes_the_table_and_results(tmp_path, capsys):
     out = tmp_path / "repro"
     assert main(["reproduce", "--quick", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
-    assert set(results["tasks"]) == {"devil", "wordnet-define"}
+    assert set(results["tasks"]) == {"devil", "wordnet-define", "digits"}
     for task, settings in results["tasks"].items():
         assert set(settings) == set(SETTINGS)
         metric = results["main_metric"][task]
@@ -24,6 +25,10 @@ def test_quick_reproduction_writes_the_table_and_results(tmp_path, capsys):
     devil = results["tasks"]["devil"]
     assert devil["plugin"]["ppl"] < devil["zero_shot"]["ppl"]
     assert devil["full_ft"]["ppl"] < devil["zero_shot"]["ppl"]
+    digits = results["tasks"]["digits"]  # on its own model, fl-offsite/ref-vit
+    assert results["main_metric"]["digits"] == "acc" and digits["zero_shot"]["acc"] > 0.2
+    assert {p.name for p in out.iterdir() if p.name.startswith("bundle-")} == {
+        "bundle-ref-opt", "bundle-ref-opt-distilled", "bundle-ref-vit", "bundle-ref-vit-distilled"}
     table = (out / "results.md").read_text()
     assert "| plugin |" in table and "federated_dirichlet" in table
     assert "| setting |" in capsys.readouterr().out

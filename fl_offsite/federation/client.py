@@ -7,7 +7,10 @@ State that must outlive one message lives in this process, keyed by content:
 - ``_DATA``: prepared training items by (data, partition) key.
 
 ``context.state`` holds only the bundle hash and its directory (a few bytes), so a node that
-lands in a fresh process finds its bundle on disk without asking the model owner again.
+lands in a fresh process finds its bundle on disk without asking the model owner again, and
+with DP-SGD the node's (noise, sample rate, steps) per round, for its epsilon over the run.
+Before loading a bundle and before training, a node checks that it fits in memory
+(``memory.py``) and answers with a clear error if not.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from ..emulator import EmulatedModel
 from ..errors import UserError
 from ..models import load_processor
 from ..train import TrainConfig, train
-from . import protocol
+from . import memory, protocol
 
 _EMULATED: dict[str, EmulatedModel] = {}
 _PROCESSORS: dict[str, object] = {}
@@ -60,6 +63,9 @@ def receive_bundle(msg: Message, context: Context) -> Message:
     else:
         bundle_dir = cache_root(context) / bundle_hash
         protocol.write_bundle_content(msg.content, bundle_dir)
+    if bundle_hash not in _EMULATED:  # will it fit? (memory.py) a clean error reply if not
+        memory.check_data_owner(memory.bundle_estimate(bundle_dir), context.node_config,
+                                who=f"data owner {node_name(context)}")
     emulated_model(bundle_hash, bundle_dir)  # load and verify now: a bad bundle fails here
     context.state["bundle"] = ConfigRecord({"hash": bundle_hash, "path": str(bundle_dir)})
     return Message(RecordDict({"bundle": ConfigRecord({"hash": bundle_hash})}), reply_to=msg)
@@ -83,6 +89,38 @@ def _cached_bundle(bundle_hash: str, context: Context) -> EmulatedModel:
     if known is None or known["hash"] != bundle_hash or not Path(str(known["path"])).is_dir():
         raise RuntimeError(f"{protocol.MISSING_BUNDLE} {bundle_hash[:12]}")
     return emulated_model(bundle_hash, Path(str(known["path"])))
+
+
+def _check_memory(bundle_hash: str, task: dict, context: Context) -> None:
+    """Refuse, with a clean error reply, a round this data owner lacks memory for."""
+    if bundle_hash in _EMULATED:
+        bundle_dir = _EMULATED[bundle_hash].info.path
+    else:
+        known = context.state.get("bundle")
+        if known is None or known["hash"] != bundle_hash:
+            return  # _cached_bundle reports the missing bundle
+        bundle_dir = Path(str(known["path"]))
+    if not (Path(bundle_dir) / "config.json").is_file():
+        return
+    estimate = memory.bundle_estimate(bundle_dir, task)
+    memory.check_data_owner(estimate, context.node_config,
+                            resident=estimate.weights if bundle_hash in _EMULATED else 0,
+                            who=f"data owner {node_name(context)}")
+
+
+def _dpsgd_metrics(spent: dict, delta: float, context: Context) -> dict:
+    """This round's DP-SGD steps joined to this node's earlier ones (``context.state``, for
+    the run); the reply's epsilons come from Opacus' RDP accountant."""
+    from ..dpsgd import epsilon
+
+    old = context.state.get("dp-sgd")
+    history = list(zip(old["noise"], old["rate"], old["steps"])) if old is not None else []
+    history.append((spent["noise_multiplier"], spent["sample_rate"], spent["steps"]))
+    context.state["dp-sgd"] = ConfigRecord({"noise": [float(h[0]) for h in history],
+                                            "rate": [float(h[1]) for h in history],
+                                            "steps": [int(h[2]) for h in history]})
+    return {"dp-epsilon": epsilon(history, delta), "dp-epsilon-round": spent["epsilon"],
+            "dp-sample-rate": spent["sample_rate"], "dp-steps": spent["steps"]}
 
 
 def _training_items(task: dict, context: Context, processor) -> list:
@@ -152,6 +190,7 @@ def train_adapter(msg: Message, context: Context) -> Message:
     if fault == "die":  # no exception, no cleanup: like an out-of-memory kill
         os._exit(1)
     bundle_hash = str(cfg["bundle-hash"])
+    _check_memory(bundle_hash, task, context)
     emulated = _cached_bundle(bundle_hash, context)
     processor = _PROCESSORS[bundle_hash]
     tuning = task["tuning"]
@@ -167,17 +206,25 @@ def train_adapter(msg: Message, context: Context) -> Message:
         int(context.node_config.get("partition-id", 0))
     train_cfg = TrainConfig(**task["train"], seed=round_seed,
                             prox_mu=float(cfg.get("proximal-mu", 0.0)))
-    stats = train(emulated.model, items, train_cfg, getattr(processor, "pad_token_id", 0) or 0)
+    pad_id = getattr(processor, "pad_token_id", 0) or 0
+    dp = task.get("dp") or {}
+    if dp.get("mode") == "dpsgd":  # per-example clipping and noise while training (dpsgd.py)
+        from ..dpsgd import train_dpsgd
+        stats = train_dpsgd(emulated.model, items, train_cfg, dp["noise_multiplier"],
+                            dp["max_grad_norm"], dp["delta"], pad_id)
+    else:
+        stats = train(emulated.model, items, train_cfg, pad_id)
     trained = emulated.adapter()
-    if task.get("dp"):
+    if dp and dp.get("mode", "update") == "update":
         from .privacy import privatize
-        dp = task["dp"]
         trained = trained.with_tensors(privatize(trained.tensors, global_tensors,
                                                  dp["clip_norm"], dp["noise_multiplier"]))
     if fault is not None:
         trained = trained.with_tensors(_corrupt(trained.tensors, fault))
     metrics = MetricRecord({"num-examples": len(items), "train_loss": stats["train_loss"],
                             "train_loss_last": stats["train_loss_last"],
-                            "steps": stats["steps"], "seconds": time.time() - start})
+                            "steps": stats["steps"], "seconds": time.time() - start,
+                            **(_dpsgd_metrics(stats["dp"], dp["delta"], context)
+                               if "dp" in stats else {})})
     return Message(RecordDict({"arrays": protocol.adapter_record(trained), "metrics": metrics}),
                    reply_to=msg)

@@ -31,6 +31,9 @@ def preflight(cfg: configs.Config, simulation: bool = True) -> None:
     for split in ("train", cfg.data.eval_split):
         if len(data.load_split(cfg.data.path, split)) == 0:
             raise UserError(f"data.path: {cfg.data.path} split {split!r} is empty")
+    if simulation and cfg.ray_address is None:  # all data owners share this machine
+        from .memory import check_simulation
+        check_simulation(cfg)
     if cfg.split.distill.data and (not cfg.bundle or cfg.realign.every):
         try:
             data.load_split(cfg.split.distill.data, "train")

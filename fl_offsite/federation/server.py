@@ -130,7 +130,7 @@ class ModelOwner:
                       "mixed_precision": t.mixed_precision},
             "seed": cfg.seed,
             "faults": cfg.faults.model_dump(),
-            "dp": cfg.dp.model_dump() if cfg.dp.noise_multiplier > 0 else None,
+            "dp": cfg.dp.model_dump() if cfg.dp.active else None,
             "round_timeout": cfg.round_timeout,
         }
 
@@ -150,9 +150,13 @@ def _realign(owner: ModelOwner, current: Adapter, rnd: int, run_dir: Path, cfg: 
             "seconds": time.time() - started}
 
 
-def _privacy_spent(rounds: list[dict], dp) -> dict:
-    """(epsilon, delta) of the data owner that has uploaded most often so far."""
+def _privacy_spent(rounds: list[dict], dp, replies: list[Message] = (), node_name=str) -> dict:
+    """(epsilon, delta) of the data owner that has uploaded most often so far (``update``), or
+    the data owners' DP-SGD accounting (``dpsgd``)."""
     from collections import Counter
+
+    if dp.mode == "dpsgd":
+        return _dpsgd_spent(rounds, dp, replies, node_name)
 
     from .privacy import epsilon
 
@@ -160,6 +164,47 @@ def _privacy_spent(rounds: list[dict], dp) -> dict:
     most = max(counts.values(), default=0)
     return {"epsilon": epsilon(most, dp.noise_multiplier, dp.delta), "delta": dp.delta,
             "max_participations": most}
+
+
+def _dpsgd_spent(rounds: list[dict], dp, replies: list[Message], node_name) -> dict:
+    """``epsilon``: the largest a data owner of this round reported (its own RDP accountant, over
+    its rounds in this run); ``epsilon_run``: the largest over every data owner so far,
+    recounted here from the (sample rate, steps) each reported per round in ``owners``, so a
+    resumed run (whose data owners start new accountants) still counts earlier rounds. An
+    infinite epsilon (no noise) is written as null."""
+    import math
+    from collections import defaultdict
+
+    from ..dpsgd import epsilon
+
+    finite = lambda x: x if math.isfinite(x) else None  # noqa: E731
+    owners = {}
+    for reply in replies:
+        metrics = reply.content["metrics"]
+        if "dp-steps" in metrics:
+            owners[node_name(reply.metadata.src_node_id)] = {
+                "epsilon": float(metrics["dp-epsilon"]),
+                "sample_rate": float(metrics["dp-sample-rate"]),
+                "steps": int(metrics["dp-steps"])}
+    history = defaultdict(list)
+    for record in rounds + [{"dp": {"owners": owners}}]:
+        for who, spent in ((record.get("dp") or {}).get("owners") or {}).items():
+            history[who].append((dp.noise_multiplier, spent["sample_rate"], spent["steps"]))
+    reported = max((o["epsilon"] for o in owners.values()), default=math.nan)
+    run = max((epsilon(h, dp.delta) for h in history.values()), default=0.0)
+    for spent in owners.values():
+        spent["epsilon"] = finite(spent["epsilon"])
+    return {"mode": "dpsgd", "epsilon": finite(reported), "epsilon_run": finite(run),
+            "delta": dp.delta, "noise_multiplier": dp.noise_multiplier,
+            "max_grad_norm": dp.max_grad_norm, "owners": owners}
+
+
+def _failure(reply: Message) -> str:
+    """The data owner's own error line out of Flower's error reason (which adds tracebacks)."""
+    lines = [line.strip() for line in (reply.error.reason or "").splitlines() if line.strip()]
+    said = [line.split("Message: ", 1)[1].removesuffix("'>") for line in lines
+            if "Message: " in line]
+    return (said or lines or [f"error code {reply.error.code}"])[-1][:500]
 
 
 def _upload_bytes(reply: Message) -> int:
@@ -358,6 +403,8 @@ def _rounds(grid: Grid, cfg: Config, run_dir: Path, owner: ModelOwner, log: RunL
             "clients_rejected": len(rejected),
             "rejections": [{"node": nodes.name(r.node_id), "reason": r.reason}
                            for r in rejected],
+            "failures": [{"node": nodes.name(r.metadata.src_node_id), "reason": _failure(r)}
+                         for r in replies if r.has_error()],
             "updated": updated,
             "train_loss": _train_losses(valid),
             "update_norm": update_norm(current.tensors, previous.tensors),
@@ -378,8 +425,9 @@ def _rounds(grid: Grid, cfg: Config, run_dir: Path, owner: ModelOwner, log: RunL
         current.save(run_dir / "adapter.safetensors")
         if secure:
             record["secagg"] = secure.info
-        if cfg.dp.noise_multiplier > 0:
-            record["dp"] = _privacy_spent(log.summary["rounds"] + [record], cfg.dp)
+        if cfg.dp.active:
+            record["dp"] = _privacy_spent(log.summary["rounds"] + [record], cfg.dp, ok,
+                                          nodes.name)
         record["seconds_clients"] = seconds_clients
         record["seconds"] = time.time() - start
         log.round(record, cfg.rounds)  # summary first: a checkpoint never runs ahead of it

@@ -64,6 +64,7 @@ def simulate(cfg: Config, run_dir: Path, verbose: bool = False, resume: bool = F
     from flwr.simulation import run_simulation
 
     from ..client_app import app as client_app
+    from .memory import PARALLEL_ENV, parallel_clients
     from .recovery import recovering_ray_backend
     from .server import run_federation
 
@@ -78,10 +79,12 @@ def simulate(cfg: Config, run_dir: Path, verbose: bool = False, resume: bool = F
     cache = run_dir / "cache"
     if not verbose:
         quiet_libraries()
+    # the data owners' memory check shares this machine's memory among those running at once
+    parallel = {} if cfg.ray_address else {PARALLEL_ENV: str(parallel_clients(cfg))}
     with _short_link(run_dir / "ray") as ray_tmp, _environment(
             HF_DATASETS_CACHE=str(cache / "datasets"), FL_OFFSITE_CACHE=str(cache),
             FLWR_HOME=str(cache / "flwr"), RAY_DEDUP_LOGS="0", TOKENIZERS_PARALLELISM="false",
-            RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0"):
+            RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0", **parallel):
         init_args = {"include_dashboard": False, "logging_level": "ERROR",
                      "log_to_driver": verbose}
         if cfg.ray_address:

@@ -9,7 +9,8 @@ TensorBoard tags (step = round; round 0 is before any tuning):
 - ``clients/train_loss_mean|min|max``, ``clients/ok``, ``clients/failed``, ``clients/rejected``;
 - ``traffic/bytes_down_total``, ``traffic/bytes_up_total`` (cumulative, payload bytes);
 - ``aggregate/update_norm``: L2 norm of the change of the global adapter in the round;
-- ``round/seconds``; ``privacy/epsilon`` with client-side DP; and the resolved config as text under ``config``.
+- ``round/seconds``; ``privacy/epsilon`` with client-side DP (and ``privacy/epsilon_run`` with
+  DP-SGD); and the resolved config as text under ``config``.
 """
 
 from __future__ import annotations
@@ -83,7 +84,8 @@ class RunLog:
         self._scalars("aggregate", {"update_norm": record["update_norm"]}, step)
         self._scalars("round", {"seconds": record["seconds"]}, step)
         if "dp" in record:
-            self._scalars("privacy", {"epsilon": record["dp"]["epsilon"]}, step)
+            self._scalars("privacy", {k: record["dp"][k] for k in ("epsilon", "epsilon_run")
+                                      if record["dp"].get(k) is not None}, step)
         if "realign" in record:
             realign = record["realign"]
             self._scalars("realign", {"nmse_before": realign["nmse_before"],
