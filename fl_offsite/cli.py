@@ -181,16 +181,21 @@ def cmd_pretrain(args) -> None:
 def cmd_reproduce(args) -> None:
     import time as _time
 
-    from .reproduce import Plan, reproduce
+    from .reproduce import Plan, check_resumable, reproduce
 
     plan = Plan.quick() if args.quick else Plan()
     if args.model:
         plan.model = args.model
     if args.seeds:
         plan.seeds = args.seeds
-    out = args.out or Path("runs") / f"reproduce-{_time.strftime('%Y%m%d-%H%M%S')}"
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"--out: {out} already exists and is not empty; choose a new path")
+    if args.resume:
+        out = _existing_dir(args.resume, "--resume")
+        check_resumable(plan, out)
+    else:
+        out = args.out or Path("runs") / f"reproduce-{_time.strftime('%Y%m%d-%H%M%S')}"
+        if out.exists() and any(out.iterdir()):
+            raise UserError(f"--out: {out} already exists and is not empty; choose a new path "
+                            "(or --resume it)")
     reproduce(plan, out)
     print((out / "results.md").read_text())
     print(f"results: {out / 'results.json'}, {out / 'results.md'}")
@@ -315,7 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model for the text tasks (default fl-offsite/ref-opt; "
                                    "fl-offsite/digits runs on fl-offsite/ref-vit)")
     p.add_argument("--seeds", type=int, nargs="+")
-    p.add_argument("--out", type=Path, help="run directory (default runs/reproduce-<time>)")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--out", type=Path, help="run directory (default runs/reproduce-<time>)")
+    out.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                     help="continue an interrupted reproduction (same --quick/--model/--seeds): "
+                          "the tasks and seeds already done are not rerun")
     p.set_defaults(func=cmd_reproduce)
 
     from .federation.cli import add_commands

@@ -14,6 +14,7 @@ model's public data (``Plan.public_data``). Several seeds; ``results.json`` hold
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,6 +24,7 @@ from . import data
 from .adapter import plug
 from .architectures import resolve
 from .emulator import EmulatedModel
+from .errors import UserError
 from .evaluate import evaluate
 from .fileio import atomic_write_bytes, atomic_write_json
 from .models import load_model, load_processor
@@ -103,7 +105,10 @@ def _federated(plan: Plan, task: str, bundle: Path, seed: int, partition: str, r
                  "max_train_examples": plan.max_train},
         "partition": {"name": partition, "by": "group", "alpha": 0.5, "seed": seed},
         "train": {"lr": plan.lr, "local_epochs": 1, "batch_size": plan.batch_size}})
-    summary = simulate(cfg, new_run_dir(cfg, run_dir / cfg.name))
+    out = run_dir / cfg.name
+    if out.exists():  # left by an interrupted seed of a resumed reproduction: start it again
+        shutil.rmtree(out)
+    summary = simulate(cfg, new_run_dir(cfg, out))
     return summary["rounds"][-1]["plugin"]
 
 
@@ -188,8 +193,33 @@ def targets(results: dict) -> dict[str, dict[str, bool]]:
     return checks
 
 
+def _seed_results(plan: Plan, task: str, seed: int, run_dir: Path) -> dict[str, dict]:
+    """One task and seed, saved to ``seeds/`` once complete, so a resumed reproduction (same
+    plan, same run directory) skips it."""
+    path = run_dir / "seeds" / f"{Path(task).name}-seed{seed}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    out = run_task(plan, task, seed, *bundle_dirs(run_dir, plan.model_for(task)),
+                   run_dir / "runs")
+    path.parent.mkdir(exist_ok=True)
+    atomic_write_json(path, out)
+    return out
+
+
+def check_resumable(plan: Plan, run_dir: Path) -> None:
+    """Refuse to resume ``run_dir`` with another plan than the one it was started with."""
+    path = run_dir / "plan.json"
+    if not path.is_file():
+        raise UserError(f"--resume: {run_dir} is not a reproduction run directory (no plan.json)")
+    if json.loads(path.read_text()) != json.loads(json.dumps(asdict(plan))):
+        raise UserError(f"--resume: {run_dir} was started with other settings (plan.json); "
+                        "resume with the same --quick/--model/--seeds, or choose a new --out")
+
+
 def reproduce(plan: Plan, run_dir: Path) -> dict:
+    """The comparison into ``run_dir``; a task-and-seed already in ``seeds/`` is not rerun."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_dir / "plan.json", asdict(plan))
     for model in plan.by_model():
         for path, distill in zip(bundle_dirs(run_dir, model), (False, True)):
             if not (path / "offsite.json").is_file():
@@ -197,8 +227,7 @@ def reproduce(plan: Plan, run_dir: Path) -> dict:
     results: dict = {"plan": asdict(plan), "tasks": {}, "spread": {}, "main_metric": {}}
     started = time.time()
     for task in plan.tasks:
-        per_seed = [run_task(plan, task, seed, *bundle_dirs(run_dir, plan.model_for(task)),
-                             run_dir / "runs") for seed in plan.seeds]
+        per_seed = [_seed_results(plan, task, seed, run_dir) for seed in plan.seeds]
         name = Path(task).name
         kind = data.task_kind(data.load_split(task, "test"))
         results["main_metric"][name] = MAIN[kind]
