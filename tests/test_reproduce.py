@@ -32,3 +32,16 @@ def test_quick_reproduction_writes_the_table_and_results(tmp_path, capsys):
     table = (out / "results.md").read_text()
     assert "| plugin |" in table and "federated_dirichlet" in table
     assert "| setting |" in capsys.readouterr().out
+
+    # an interrupted reproduction resumes: done tasks and seeds are kept, missing ones rerun
+    kept = (out / "seeds" / "devil-seed0.json").stat().st_mtime_ns
+    (out / "seeds" / "digits-seed0.json").unlink()
+    assert main(["reproduce", "--quick", "--resume", str(out)]) == 0
+    resumed = json.loads((out / "results.json").read_text())
+    assert (out / "seeds" / "devil-seed0.json").stat().st_mtime_ns == kept
+    assert resumed["tasks"]["devil"] == results["tasks"]["devil"]
+    assert resumed["tasks"]["digits"]["zero_shot"] == digits["zero_shot"]
+    assert set(resumed["tasks"]["digits"]) == set(SETTINGS)
+    capsys.readouterr()
+    assert main(["reproduce", "--resume", str(out)]) == 2  # not the --quick plan it started with
+    assert "--resume:" in capsys.readouterr().err and (out / "results.json").is_file()
