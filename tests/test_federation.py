@@ -188,7 +188,7 @@ def test_a_round_without_enough_valid_uploads_keeps_the_adapter(tmp_path, capsys
 
 
 def test_a_hanging_data_owner_times_out_and_the_run_goes_on(tmp_path):
-    cfg = configs.load(None, {**BASE, "rounds": 2, "round_timeout": 6,
+    cfg = configs.load(None, {**BASE, "rounds": 2, "round_timeout": 20,
                               "faults": {"hang": 0.34, "seed": 4}})
     faults = cfg.faults.model_dump()
     hangs = [[injected_fault(faults, rnd, who) == "hang" for who in range(3)] for rnd in (1, 2)]
