@@ -30,11 +30,8 @@ def privatize(trained: dict[str, torch.Tensor], reference: dict[str, torch.Tenso
 
 
 def epsilon(participations: int, noise_multiplier: float, delta: float) -> float:
-    """Epsilon spent by a data owner after ``participations`` noised uploads."""
-    if participations == 0:
-        return 0.0
-    from opacus.accountants import RDPAccountant
+    """Epsilon spent by a data owner after ``participations`` noised uploads: one
+    full-participation step (sample rate 1) of DP-SGD's accountant per upload."""
+    from ..dpsgd import epsilon as rdp_epsilon
 
-    accountant = RDPAccountant()
-    accountant.history = [(noise_multiplier, 1.0, participations)]
-    return float(accountant.get_epsilon(delta))
+    return rdp_epsilon([(noise_multiplier, 1.0, participations)], delta)

@@ -150,7 +150,7 @@ def _realign(owner: ModelOwner, current: Adapter, rnd: int, run_dir: Path, cfg: 
             "seconds": time.time() - started}
 
 
-def _privacy_spent(rounds: list[dict], dp, replies: list[Message] = (), node_name=str) -> dict:
+def _privacy_spent(rounds: list[dict], dp, replies: list[Message], node_name) -> dict:
     """(epsilon, delta) of the data owner that has uploaded most often so far (``update``), or
     the data owners' DP-SGD accounting (``dpsgd``)."""
     from collections import Counter
