@@ -45,15 +45,15 @@ def main() -> None:
 
     import torch
 
-    from fl_offsite import data
+    from fl_offsite.training import data
     from fl_offsite.config import DistillConfig, SplitConfig
-    from fl_offsite.emulator import EmulatedModel
-    from fl_offsite.evaluate import evaluate
-    from fl_offsite.models import load_model, load_processor
-    from fl_offsite.owner import build_bundle
+    from fl_offsite.offsite.emulated import EmulatedModel
+    from fl_offsite.training.evaluate import evaluate
+    from fl_offsite.models.loading import load_model, load_processor
+    from fl_offsite.offsite.owner import build_bundle
     from fl_offsite.quiet import quiet_libraries
-    from fl_offsite.reproduce import offsite_finetune
-    from fl_offsite.train import TrainConfig
+    from fl_offsite.reference.reproduce import offsite_finetune
+    from fl_offsite.training.loop import TrainConfig
 
     quiet_libraries()
     torch.set_num_threads(1)

@@ -51,7 +51,7 @@ class PeakMemory:
 
 def make_data(folder: Path, rows: int) -> str:
     """A language-modelling set big enough for ``rows`` data owners (pydoc, regrouped)."""
-    from fl_offsite import data
+    from fl_offsite.training import data
 
     docs = data.load_split("fl-offsite/pydoc", "train")["text"]
     folder.mkdir()

@@ -37,11 +37,11 @@ def sequential_loop(cfg, bundle_dir: Path) -> list[float]:
     """Seconds of client work per round, one process, no Flower."""
     import torch
 
-    from fl_offsite import data
-    from fl_offsite.emulator import EmulatedModel
+    from fl_offsite.training import data
+    from fl_offsite.offsite.emulated import EmulatedModel
     from fl_offsite.federation.partition import partition
-    from fl_offsite.models import load_processor
-    from fl_offsite.train import TrainConfig, train
+    from fl_offsite.models.loading import load_processor
+    from fl_offsite.training.loop import TrainConfig, train
 
     emulated = EmulatedModel(bundle_dir)
     current = emulated.prepare("blocks", seed=cfg.seed)

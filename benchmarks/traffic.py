@@ -28,7 +28,7 @@ def main() -> None:
     from fl_offsite.fileio import tensor_bytes
     from fl_offsite.federation.runtime import new_run_dir, preflight
     from fl_offsite.federation.simulation import simulate
-    from fl_offsite.models import load_model
+    from fl_offsite.models.loading import load_model
 
     cfg = configs.load(args.config, dict(configs.parse_override(o) for o in args.set))
     preflight(cfg)

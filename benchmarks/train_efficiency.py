@@ -34,7 +34,7 @@ def build_full_model(args):
 
     torch.manual_seed(0)
     if args.model:
-        from fl_offsite.models import load_model
+        from fl_offsite.models.loading import load_model
         return load_model(args.model, args.dtype)
     config = OPTConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
                        ffn_dim=4 * args.hidden, num_attention_heads=max(1, args.hidden // 64),
@@ -45,9 +45,9 @@ def build_full_model(args):
 
 def prepare_workdir(args, workdir: Path) -> int:
     """Save the full model and its bundle once, so no worker pays for building them."""
-    from fl_offsite.architectures import resolve
-    from fl_offsite.bundle import write_bundle
-    from fl_offsite.plan import make_plan
+    from fl_offsite.models.families import resolve
+    from fl_offsite.offsite.bundle import write_bundle
+    from fl_offsite.offsite.plan import make_plan
 
     full = build_full_model(args)
     depth = len(resolve(full).blocks(full))
@@ -60,9 +60,9 @@ def prepared_model(name: str, workdir: Path):
     """The model each configuration trains, with its trainable parameters marked."""
     from transformers import AutoModelForCausalLM
 
-    from fl_offsite import adapter as adapters
-    from fl_offsite.architectures import resolve
-    from fl_offsite.emulator import EmulatedModel
+    from fl_offsite.offsite import adapter as adapters
+    from fl_offsite.models.families import resolve
+    from fl_offsite.offsite.emulated import EmulatedModel
 
     if name.startswith("full"):
         full = AutoModelForCausalLM.from_pretrained(workdir / "full")

@@ -25,7 +25,7 @@ def _positive_int(text: str) -> int:
 
 
 def _train_config(args):
-    from .train import TrainConfig
+    from .training.loop import TrainConfig
 
     return TrainConfig(lr=args.lr, epochs=args.epochs, max_steps=args.max_steps,
                        batch_size=args.batch_size, grad_accum=args.grad_accum, seed=args.seed,
@@ -34,7 +34,7 @@ def _train_config(args):
 
 def cmd_emulator(args) -> None:
     from .config import build_section
-    from .owner import build_bundle
+    from .offsite.owner import build_bundle
 
     distill = {"data": args.distill_data, "steps": args.distill_steps if args.distill_data else 0,
                "lr": args.distill_lr, "batch_size": args.distill_batch_size,
@@ -62,16 +62,16 @@ def cmd_emulator(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from . import data
-    from .models import load_model, load_processor
-    from .train import train
+    from .training import data
+    from .models.loading import load_model, load_processor
+    from .training.loop import train
 
     cfg = _train_config(args)
     if args.tuning == "full":
         if not args.model:
             raise UserError("--tuning full: needs --model (full fine-tuning is the baseline "
                             "on the full model)")
-        from .owner import save_model
+        from .offsite.owner import save_model
 
         model = load_model(args.model, args.dtype)
         processor = load_processor(args.model)
@@ -83,14 +83,14 @@ def cmd_train(args) -> None:
         if not args.bundle:
             raise UserError(f"--tuning {args.tuning}: needs --bundle BUNDLE_DIR (the data owner "
                             "trains on the emulator)")
-        from .emulator import EmulatedModel
+        from .offsite.emulated import EmulatedModel
 
         emulated = EmulatedModel(_existing(args.bundle, "--bundle"))
         processor = load_processor(args.bundle)
         task = data.prepare(args.data, "train", processor, args.block_size, args.max_examples)
         lora = None
         if args.tuning == "lora":
-            from .adapter import lora_config
+            from .offsite.adapter import lora_config
             lora = lora_config(emulated.arch, args.lora_r, args.lora_alpha, args.lora_dropout)
         emulated.prepare(args.tuning, lora, args.seed)
         if args.out.exists() and not args.overwrite:
@@ -102,9 +102,9 @@ def cmd_train(args) -> None:
 
 
 def cmd_plug(args) -> None:
-    from .emulator import load_adapter
-    from .models import load_processor
-    from .owner import plugged_model, save_model
+    from .offsite.emulated import load_adapter
+    from .models.loading import load_processor
+    from .offsite.owner import plugged_model, save_model
 
     adapter = load_adapter(_existing(args.adapter, "--adapter"))
     model = plugged_model(args.model, adapter, args.dtype)
@@ -114,19 +114,19 @@ def cmd_plug(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from . import data
-    from .evaluate import evaluate
+    from .training import data
+    from .training.evaluate import evaluate
     from .fileio import atomic_write_json
-    from .models import load_model, load_processor
+    from .models.loading import load_model, load_processor
 
     if bool(args.model) == bool(args.bundle):
         raise UserError("evaluate: give exactly one of --model or --bundle")
     adapter = None
     if args.adapter:
-        from .emulator import load_adapter
+        from .offsite.emulated import load_adapter
         adapter = load_adapter(_existing(args.adapter, "--adapter"))
     if args.bundle:
-        from .emulator import EmulatedModel
+        from .offsite.emulated import EmulatedModel
 
         emulated = EmulatedModel(_existing(args.bundle, "--bundle"))
         model, processor = emulated.model, load_processor(args.bundle)
@@ -134,13 +134,13 @@ def cmd_evaluate(args) -> None:
             emulated.prepare(adapter.kind, adapter.lora or None)
             emulated.set_adapter(adapter)
     else:
-        from .owner import plugged_model
+        from .offsite.owner import plugged_model
         processor = load_processor(args.model)
         model = plugged_model(args.model, adapter, args.dtype) if adapter else \
             load_model(args.model, args.dtype)
     if args.lm_eval_tasks:
         try:
-            from .lm_eval_adapter import run_tasks
+            from .training.lm_eval import run_tasks
         except ImportError:
             raise UserError("--lm-eval-tasks: lm-eval is not installed; pip install "
                             "'fl-offsite[lm-eval]'") from None
@@ -161,7 +161,7 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_pretrain(args) -> None:
-    from .pretrain import PretrainConfig, pretrain
+    from .reference.pretrain import PretrainConfig, pretrain
 
     if args.threads:
         import torch
@@ -181,7 +181,7 @@ def cmd_pretrain(args) -> None:
 def cmd_reproduce(args) -> None:
     import time as _time
 
-    from .reproduce import Plan, check_resumable, reproduce
+    from .reference.reproduce import Plan, check_resumable, reproduce
 
     plan = Plan.quick() if args.quick else Plan()
     if args.model:

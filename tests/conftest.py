@@ -68,7 +68,7 @@ def family(request):
 
 @pytest.fixture(scope="session")
 def tiny_opt_path():
-    from fl_offsite.models import resolve_model_path
+    from fl_offsite.models.loading import resolve_model_path
     return resolve_model_path("fl-offsite/tiny-opt")
 
 

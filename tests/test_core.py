@@ -8,14 +8,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fl_offsite import adapter as adapters
-from fl_offsite.architectures import FAMILIES as TABLE
-from fl_offsite.architectures import resolve
-from fl_offsite.bundle import split_state, write_bundle
-from fl_offsite.emulator import EmulatedModel, bundle_adapter
+from fl_offsite.offsite import adapter as adapters
+from fl_offsite.models.families import FAMILIES as TABLE
+from fl_offsite.models.families import resolve
+from fl_offsite.offsite.bundle import split_state, write_bundle
+from fl_offsite.offsite.emulated import EmulatedModel, bundle_adapter
 from fl_offsite.errors import UserError
-from fl_offsite.plan import make_plan
-from fl_offsite.train import TrainConfig, train
+from fl_offsite.offsite.plan import make_plan
+from fl_offsite.training.loop import TrainConfig, train
 
 from conftest import model_inputs, tiny_model, training_items
 

@@ -11,16 +11,16 @@ from opacus.grad_sample.grad_sample_module import GradSampleHooks
 
 from conftest import tiny_model, training_items
 from fl_offsite import config as configs
-from fl_offsite import dpsgd
-from fl_offsite.adapter import lora_config, prepare
-from fl_offsite.architectures import resolve
-from fl_offsite.bundle import write_bundle
-from fl_offsite.data import collate
-from fl_offsite.emulator import EmulatedModel
+from fl_offsite.training import dpsgd
+from fl_offsite.offsite.adapter import lora_config, prepare
+from fl_offsite.models.families import resolve
+from fl_offsite.offsite.bundle import write_bundle
+from fl_offsite.training.data import collate
+from fl_offsite.offsite.emulated import EmulatedModel
 from fl_offsite.errors import UserError
-from fl_offsite.models import load_model, load_processor
-from fl_offsite.plan import make_plan
-from fl_offsite.train import TrainConfig, train
+from fl_offsite.models.loading import load_model, load_processor
+from fl_offsite.offsite.plan import make_plan
+from fl_offsite.training.loop import TrainConfig, train
 
 # Opacus' hooks on the first adapter block, whose input needs no gradient (expected)
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")

@@ -9,14 +9,14 @@ import torch
 
 from conftest import FAMILIES, model_inputs, tiny_model, training_items
 from fl_offsite import cli
-from fl_offsite.architectures import resolve
-from fl_offsite.bundle import load_bundle, write_bundle
-from fl_offsite.distill import Objective, distill, emulated_from_full, measure
-from fl_offsite.emulator import EmulatedModel
-from fl_offsite.layer_selection import select_layers, similarity_plan
-from fl_offsite.plan import make_plan
-from fl_offsite.quantize import Int8Linear
-from fl_offsite.train import TrainConfig, train
+from fl_offsite.models.families import resolve
+from fl_offsite.offsite.bundle import load_bundle, write_bundle
+from fl_offsite.emulators.distill import Objective, distill, emulated_from_full, measure
+from fl_offsite.offsite.emulated import EmulatedModel
+from fl_offsite.emulators.similarity import select_layers, similarity_plan
+from fl_offsite.offsite.plan import make_plan
+from fl_offsite.emulators.int8 import Int8Linear
+from fl_offsite.training.loop import TrainConfig, train
 
 
 def held_out_items(model, n: int = 6) -> list[dict]:

@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers import ViTImageProcessor
 
-from fl_offsite import data
-from fl_offsite.evaluate import evaluate
-from fl_offsite.models import load_model, load_processor
+from fl_offsite.training import data
+from fl_offsite.training.evaluate import evaluate
+from fl_offsite.models.loading import load_model, load_processor
 
 from conftest import tiny_model
 
@@ -85,7 +85,7 @@ def test_image_classification_accuracy(tmp_path):
 def test_lm_eval_adapter_scores_like_the_direct_computation(opt):
     from lm_eval.api.instance import Instance
 
-    from fl_offsite.lm_eval_adapter import OffsiteLM
+    from fl_offsite.training.lm_eval import OffsiteLM
 
     model, tokenizer = opt
     lm = OffsiteLM(model, tokenizer, batch_size=2)

@@ -12,7 +12,7 @@ from flwr.serverapp.strategy import FedAvg
 
 import strategies
 from fl_offsite import config as configs
-from fl_offsite.adapter import Adapter
+from fl_offsite.offsite.adapter import Adapter
 from fl_offsite.federation import protocol
 from fl_offsite.federation.client import injected_fault
 from fl_offsite.federation.simulation import simulate

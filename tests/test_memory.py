@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 
 from fl_offsite import config as configs
-from fl_offsite.bundle import write_bundle
+from fl_offsite.offsite.bundle import write_bundle
 from fl_offsite.cli import main
 from fl_offsite.federation import memory
-from fl_offsite.models import load_model, load_processor
-from fl_offsite.plan import make_plan
+from fl_offsite.models.loading import load_model, load_processor
+from fl_offsite.offsite.plan import make_plan
 
 DEMO_CONFIG = str(Path(__file__).parents[1] / "configs" / "demo.yaml")
 BASE = {"model": "fl-offsite/tiny-opt", "split": {"emulator_layers": 2},

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fl_offsite.errors import UserError
-from fl_offsite.pretrain import PretrainConfig, pretrain
+from fl_offsite.reference.pretrain import PretrainConfig, pretrain
 
 CFG = PretrainConfig(layers=2, hidden=16, heads=2, ffn=32, vocab=300, context=16, batch=4,
                      tokens=4 * 16 * 6, warmup=2, checkpoint_every=100, eval_every=3)

@@ -9,13 +9,13 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord
 
 from fl_offsite import config as configs
-from fl_offsite.architectures import resolve
-from fl_offsite.bundle import split_state
+from fl_offsite.models.families import resolve
+from fl_offsite.offsite.bundle import split_state
 from fl_offsite.federation import server
 from fl_offsite.federation.runtime import new_run_dir
 from fl_offsite.federation.simulation import simulate
-from fl_offsite.models import load_model, resolve_model_path
-from fl_offsite.plan import make_plan
+from fl_offsite.models.loading import load_model, resolve_model_path
+from fl_offsite.offsite.plan import make_plan
 
 pytestmark = pytest.mark.slow
 

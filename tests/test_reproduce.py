@@ -8,7 +8,7 @@ import json
 import pytest
 
 from fl_offsite.cli import main
-from fl_offsite.reproduce import SETTINGS
+from fl_offsite.reference.reproduce import SETTINGS
 
 pytestmark = pytest.mark.slow
 

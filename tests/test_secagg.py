@@ -16,7 +16,7 @@ from flwr.serverapp.strategy import FedAvg
 
 import strategies
 from fl_offsite import config as configs
-from fl_offsite.adapter import Adapter
+from fl_offsite.offsite.adapter import Adapter
 from fl_offsite.errors import UserError
 from fl_offsite.federation import protocol, server
 from fl_offsite.federation.runtime import new_run_dir

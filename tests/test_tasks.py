@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from fl_offsite import corpus
+from fl_offsite.reference import corpus
 
 VERSES = [f"And the {i}th man of the tribe went up to the city of the hills with his {i} sons "
           f"and daughters in the morning" for i in range(400)]
@@ -29,7 +29,7 @@ def small_corpus(tmp_path):
 
 
 def build(corpus_dir, out):
-    subprocess.run([sys.executable, "-m", "fl_offsite.tasks", "--corpus", str(corpus_dir),
+    subprocess.run([sys.executable, "-m", "fl_offsite.reference.tasks", "--corpus", str(corpus_dir),
                     "--out", str(out), "--items", "200"], check=True, capture_output=True)
     return {task: {split: [json.loads(line) for line in (out / task / f"{split}.jsonl").open()]
                    for split in ("train", "validation", "test")}

@@ -10,14 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from fl_offsite import data, vision
-from fl_offsite.adapter import plug
-from fl_offsite.architectures import resolve
-from fl_offsite.emulator import EmulatedModel
-from fl_offsite.evaluate import classification_accuracy
-from fl_offsite.models import load_model, load_processor
-from fl_offsite.owner import build_bundle
-from fl_offsite.train import TrainConfig, train
+from fl_offsite.training import data
+from fl_offsite.reference import vision
+from fl_offsite.offsite.adapter import plug
+from fl_offsite.models.families import resolve
+from fl_offsite.offsite.emulated import EmulatedModel
+from fl_offsite.training.evaluate import classification_accuracy
+from fl_offsite.models.loading import load_model, load_processor
+from fl_offsite.offsite.owner import build_bundle
+from fl_offsite.training.loop import TrainConfig, train
 
 SPLITS = ("train", "validation", "test")
 
@@ -106,7 +107,7 @@ def test_short_offsite_tuning_beats_zero_shot(digits, tmp_path):
 
 
 def test_reproduce_runs_the_image_task_on_its_own_model_and_public_data():
-    from fl_offsite.reproduce import SETTINGS, Plan, _table, bundle_dirs
+    from fl_offsite.reference.reproduce import SETTINGS, Plan, _table, bundle_dirs
 
     plan = Plan()
     plan.model = "fl-offsite/tiny-opt"  # what `reproduce --model` changes: the text tasks' model

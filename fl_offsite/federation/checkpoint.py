@@ -18,7 +18,7 @@ from safetensors import safe_open
 
 from strategies.state import export_state, import_state
 
-from ..adapter import Adapter
+from ..offsite.adapter import Adapter
 from ..config import Config
 from ..errors import UserError
 from ..fileio import load_tensors, save_tensors

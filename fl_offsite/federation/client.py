@@ -23,10 +23,10 @@ from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from ..emulator import EmulatedModel
+from ..offsite.emulated import EmulatedModel
 from ..errors import UserError
-from ..models import load_processor
-from ..train import TrainConfig, train
+from ..models.loading import load_processor
+from ..training.loop import TrainConfig, train
 from . import memory, protocol
 
 _EMULATED: dict[str, EmulatedModel] = {}
@@ -111,7 +111,7 @@ def _check_memory(bundle_hash: str, task: dict, context: Context) -> None:
 def _dpsgd_metrics(spent: dict, delta: float, context: Context) -> dict:
     """This round's DP-SGD steps joined to this node's earlier ones (``context.state``, for
     the run); the reply's epsilons come from Opacus' RDP accountant."""
-    from ..dpsgd import epsilon
+    from ..training.dpsgd import epsilon
 
     old = context.state.get("dp-sgd")
     history = list(zip(old["noise"], old["rate"], old["steps"])) if old is not None else []
@@ -125,7 +125,7 @@ def _dpsgd_metrics(spent: dict, delta: float, context: Context) -> dict:
 
 def _training_items(task: dict, context: Context, processor) -> list:
     """This node's examples: its own ``data-path`` (deployment) or its simulated partition."""
-    from .. import data
+    from ..training import data
     from .partition import partition
 
     own = context.node_config.get("data-path")
@@ -209,7 +209,7 @@ def train_adapter(msg: Message, context: Context) -> Message:
     pad_id = getattr(processor, "pad_token_id", 0) or 0
     dp = task.get("dp") or {}
     if dp.get("mode") == "dpsgd":  # per-example clipping and noise while training (dpsgd.py)
-        from ..dpsgd import train_dpsgd
+        from ..training.dpsgd import train_dpsgd
         stats = train_dpsgd(emulated.model, items, train_cfg, dp["noise_multiplier"],
                             dp["max_grad_norm"], dp["delta"], pad_id)
     else:

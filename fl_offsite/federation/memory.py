@@ -121,10 +121,10 @@ def config_estimate(cfg) -> Estimate:
     """The same estimate before any bundle exists: sizes from a weightless copy of the model."""
     import torch
 
-    from ..architectures import resolve
-    from ..bundle import emulated_config
-    from ..models import AUTO_CLASSES, DTYPES, load_config, task_of_config
-    from ..plan import make_plan
+    from ..models.families import resolve
+    from ..offsite.bundle import emulated_config
+    from ..models.loading import AUTO_CLASSES, DTYPES, load_config, task_of_config
+    from ..offsite.plan import make_plan
 
     if cfg.bundle:
         return bundle_estimate(cfg.bundle, {"train": {"batch_size": cfg.train.batch_size},

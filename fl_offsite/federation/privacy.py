@@ -32,6 +32,6 @@ def privatize(trained: dict[str, torch.Tensor], reference: dict[str, torch.Tenso
 def epsilon(participations: int, noise_multiplier: float, delta: float) -> float:
     """Epsilon spent by a data owner after ``participations`` noised uploads: one
     full-participation step (sample rate 1) of DP-SGD's accountant per upload."""
-    from ..dpsgd import epsilon as rdp_epsilon
+    from ..training.dpsgd import epsilon as rdp_epsilon
 
     return rdp_epsilon([(noise_multiplier, 1.0, participations)], delta)

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-from ..adapter import Adapter
+from ..offsite.adapter import Adapter
 from ..fileio import tensor_bytes
 
 BUNDLE_ACTION = "bundle"

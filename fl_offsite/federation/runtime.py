@@ -13,10 +13,10 @@ def preflight(cfg: configs.Config, simulation: bool = True) -> None:
     """Every check that can fail before anything is written: a bad run leaves no run dir."""
     import strategies
 
-    from .. import data
-    from ..bundle import read_info
-    from ..models import load_config
-    from ..plan import make_plan
+    from ..training import data
+    from ..offsite.bundle import read_info
+    from ..models.loading import load_config
+    from ..offsite.plan import make_plan
     from .simulation import check_resources
 
     if simulation:
@@ -62,7 +62,7 @@ def resume_config(run_dir: Path, overrides: dict) -> configs.Config:
 
 def check_resumable(run_dir: Path, cfg: configs.Config) -> None:
     """Refuse, before anything is written, a run directory this config cannot continue."""
-    from ..bundle import read_info
+    from ..offsite.bundle import read_info
     from . import checkpoint
 
     bundle = Path(cfg.bundle) if cfg.bundle else Path(run_dir) / "bundle"

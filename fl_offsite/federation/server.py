@@ -20,18 +20,18 @@ from flwr.serverapp import Grid
 import strategies
 from strategies.validation import screen, update_norm
 
-from .. import adapter as adapters
-from .. import data
-from ..adapter import Adapter
-from ..architectures import resolve
-from ..bundle import keyed, split_state, write_bundle
+from ..offsite import adapter as adapters
+from ..training import data
+from ..offsite.adapter import Adapter
+from ..models.families import resolve
+from ..offsite.bundle import keyed, split_state, write_bundle
 from ..config import Config, dump
-from ..emulator import EmulatedModel
+from ..offsite.emulated import EmulatedModel
 from ..errors import UserError
-from ..evaluate import evaluate
+from ..training.evaluate import evaluate
 from ..fileio import load_tensors, tensors_hash
-from ..models import load_model, load_processor
-from ..owner import make_emulator
+from ..models.loading import load_model, load_processor
+from ..offsite.owner import make_emulator
 from . import checkpoint, protocol, secagg
 from .tracking import RunLog
 
@@ -92,8 +92,8 @@ class ModelOwner:
         """Re-distil the emulator against the full model with ``adapter`` plugged in
         (FedBiOT-style), write that bundle version and switch to it. Returns the adapter,
         re-stamped for the new bundle, and the distillation report."""
-        from ..distill import distill, emulated_from_full
-        from ..owner import public_items
+        from ..emulators.distill import distill, emulated_from_full
+        from ..offsite.owner import public_items
 
         if self.public is None:
             self.public = public_items(self.cfg.split.distill, self.processor)
@@ -175,7 +175,7 @@ def _dpsgd_spent(rounds: list[dict], dp, replies: list[Message], node_name) -> d
     import math
     from collections import defaultdict
 
-    from ..dpsgd import epsilon
+    from ..training.dpsgd import epsilon
 
     finite = lambda x: x if math.isfinite(x) else None  # noqa: E731
     owners = {}
@@ -309,7 +309,7 @@ class BundleShipper:
 
 def realigned_bundle(run_dir: Path, bundle_hash: str) -> Path:
     """The re-aligned bundle version with ``bundle_hash`` in ``run_dir`` (for --resume)."""
-    from ..bundle import read_info
+    from ..offsite.bundle import read_info
 
     for candidate in sorted((run_dir / "bundles").glob("round-*")):
         if read_info(candidate).bundle_hash == bundle_hash:

@@ -1,6 +1,6 @@
 """Offline English text from Debian packages, for pretraining the reference model.
 
-``python -m fl_offsite.corpus --out corpus/`` writes plain-text files:
+``python -m fl_offsite.reference.corpus --out corpus/`` writes plain-text files:
 
 - ``pretrain/wordnet.txt``: WordNet 3.0 glosses and examples, one "word (pos): gloss" per line
   (package ``wordnet-base``, WordNet 3.0 licence: use, copy and redistribution permitted with
@@ -27,7 +27,7 @@ import struct
 import zlib
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 WORDNET = Path("/usr/share/wordnet")
 SWORD = Path("/usr/share/sword/modules/texts/ztext/engWEB2015eb")

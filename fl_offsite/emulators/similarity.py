@@ -18,8 +18,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .data import collate
-from .plan import LayerPlan, make_plan
+from ..training.data import collate
+from ..offsite.plan import LayerPlan, make_plan
 
 
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 
 @dataclass(frozen=True)
@@ -126,14 +126,14 @@ def resolve(model: torch.nn.Module) -> Arch:
             f"model: unsupported architecture {model_type!r} ({type(model).__name__}); "
             f"looked for transformer blocks at {', '.join(looked)}; supported model types: "
             f"{', '.join(sorted(FAMILIES))}; register a new one with "
-            "fl_offsite.architectures.register_family(model_type, Family(...))"
+            "fl_offsite.models.families.register_family(model_type, Family(...))"
         )
     blocks = [p for p in family.blocks if isinstance(_get(model, p), torch.nn.ModuleList)]
     if not blocks:
         raise UserError(
             f"model: {model_type!r} model {type(model).__name__} has no transformer blocks at "
             f"{' or '.join(family.blocks)}; fix the Family entry for {model_type!r} with "
-            "fl_offsite.architectures.register_family"
+            "fl_offsite.models.families.register_family"
         )
 
     def present(paths: tuple[str, ...]) -> tuple[str, ...]:

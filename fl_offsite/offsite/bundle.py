@@ -25,13 +25,13 @@ from pathlib import Path
 import torch
 from accelerate import init_empty_weights
 
-from . import __version__
-from .architectures import Arch, resolve
-from .errors import UserError
-from .fileio import atomic_dir, load_tensors, save_tensors, tensors_hash
-from .models import AUTO_CLASSES
+from .. import __version__
+from ..models.families import Arch, resolve
+from ..errors import UserError
+from ..fileio import atomic_dir, load_tensors, save_tensors, tensors_hash
+from ..models.loading import AUTO_CLASSES
 from .plan import LayerPlan
-from .quantize import quantize_block, use_int8_layers
+from ..emulators.int8 import quantize_block, use_int8_layers
 
 FORMAT_VERSION = 1
 META_FILE = "offsite.json"

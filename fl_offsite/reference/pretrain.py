@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import UserError
-from .fileio import atomic_dir
+from ..errors import UserError
+from ..fileio import atomic_dir
 
 
 @dataclass

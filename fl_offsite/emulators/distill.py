@@ -22,10 +22,10 @@ import math
 import torch
 from torch.utils.data import DataLoader
 
-from .bundle import build_emulated_model, emulated_config, keyed, split_state
-from .data import collate
-from .errors import UserError
-from .plan import LayerPlan
+from ..offsite.bundle import build_emulated_model, emulated_config, keyed, split_state
+from ..training.data import collate
+from ..errors import UserError
+from ..offsite.plan import LayerPlan
 
 
 def emulated_from_full(model, arch, plan: LayerPlan, emulator: dict | None = None):

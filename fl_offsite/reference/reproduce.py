@@ -20,17 +20,17 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import data
-from .adapter import plug
-from .architectures import resolve
-from .emulator import EmulatedModel
-from .errors import UserError
-from .evaluate import evaluate
-from .fileio import atomic_write_bytes, atomic_write_json
-from .models import load_model, load_processor
-from .config import SplitConfig
-from .owner import build_bundle
-from .train import TrainConfig, train
+from ..training import data
+from ..offsite.adapter import plug
+from ..models.families import resolve
+from ..offsite.emulated import EmulatedModel
+from ..errors import UserError
+from ..training.evaluate import evaluate
+from ..fileio import atomic_write_bytes, atomic_write_json
+from ..models.loading import load_model, load_processor
+from ..config import SplitConfig
+from ..offsite.owner import build_bundle
+from ..training.loop import TrainConfig, train
 
 SETTINGS = ("zero_shot", "emulator_zero_shot", "full_ft", "emulator_ft", "plugin",
             "emulator_zero_shot_distilled", "emulator_ft_distilled", "plugin_distilled",
@@ -93,9 +93,9 @@ def bundle_dirs(run_dir: Path, model: str) -> tuple[Path, Path]:
 
 
 def _federated(plan: Plan, task: str, bundle: Path, seed: int, partition: str, run_dir: Path) -> dict:
-    from . import config as configs
-    from .federation.runtime import new_run_dir
-    from .federation.simulation import simulate
+    from .. import config as configs
+    from ..federation.runtime import new_run_dir
+    from ..federation.simulation import simulate
 
     cfg = configs.load(None, {
         "name": f"{Path(task).name}-{partition}-{seed}", "model": plan.model_for(task),

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 EXTENSIONS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet",
               ".txt": "text"}
@@ -36,7 +36,7 @@ def _local_file(path: Path, split: str) -> Path | None:
     return None
 
 
-PACKAGED_DIR = Path(__file__).parent / "datasets"
+PACKAGED_DIR = Path(__file__).parents[1] / "datasets"
 PACKAGED_PREFIX = "fl-offsite/"
 
 

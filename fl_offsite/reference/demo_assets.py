@@ -1,6 +1,6 @@
 """Rebuild the embedded demo assets: the ``fl-offsite/tiny-opt`` model and the ``pydoc`` task.
 
-Run ``python -m fl_offsite.demo_assets`` (about three minutes on two CPU cores). The outputs
+Run ``python -m fl_offsite.reference.demo_assets`` (about three minutes on two CPU cores). The outputs
 are committed as package data, so nobody needs to run this to use the demo; it exists so the
 assets are reproducible and so users can see how a model is made offline.
 
@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
-from .fileio import atomic_dir
+from ..fileio import atomic_dir
 
-PACKAGE = Path(__file__).parent
+PACKAGE = Path(__file__).parents[1]
 MODEL_DIR = PACKAGE / "zoo" / "tiny-opt"
 TASK_DIR = PACKAGE / "datasets" / "pydoc"
 
@@ -81,7 +81,7 @@ def write_task(modules: dict[str, list[str]]) -> None:
             "hash bucket is 0 (never seen in the tiny-opt pretraining text), split by docstring "
             "hash: "
             + ", ".join(f"{k} {len(v)} docstrings" for k, v in splits.items())
-            + ".\nRebuild: `python -m fl_offsite.demo_assets`.\n")
+            + ".\nRebuild: `python -m fl_offsite.reference.demo_assets`.\n")
 
 
 def pretrain(texts: list[str], seconds: float, seed: int = 0) -> None:
@@ -130,7 +130,7 @@ def pretrain(texts: list[str], seconds: float, seed: int = 0) -> None:
         (tmp / "README.md").write_text(
             "# fl-offsite/tiny-opt\n\nA tiny OPT (8 blocks, hidden 64, 2k byte-level BPE "
             "vocabulary) for the demo and the tests; not a useful language model.\n\n"
-            f"- command: `python -m fl_offsite.demo_assets --seconds {seconds:g}`\n"
+            f"- command: `python -m fl_offsite.reference.demo_assets --seconds {seconds:g}`\n"
             f"- data: docstrings of Python {sys.version.split()[0]}'s standard library "
             "(PSF licence), modules outside the held-out `pydoc` task\n"
             f"- trained on {tokens:,} tokens ({step} steps of 16 x {block}), seed {seed}\n"

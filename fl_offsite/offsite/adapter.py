@@ -22,10 +22,10 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 
-from .architectures import Arch
+from ..models.families import Arch
 from .bundle import split_state, unkeyed
-from .errors import UserError
-from .fileio import load_tensors, save_tensors, tensors_hash
+from ..errors import UserError
+from ..fileio import load_tensors, save_tensors, tensors_hash
 
 KINDS = ("blocks", "lora", "bitfit")
 

@@ -44,8 +44,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .data import collate
-from .errors import UserError
-from .train import TrainConfig
+from ..errors import UserError
+from .loop import TrainConfig
 
 
 class _BatchSize:

@@ -1,6 +1,6 @@
-"""Build the reference tasks from the offline corpus (``python -m fl_offsite.corpus`` first).
+"""Build the reference tasks from the offline corpus (``python -m fl_offsite.reference.corpus`` first).
 
-``python -m fl_offsite.tasks --corpus corpus --out fl_offsite/datasets`` writes, each with
+``python -m fl_offsite.reference.tasks --corpus corpus --out fl_offsite/datasets`` writes, each with
 train / validation / test splits disjoint by construction (split by a hash of the item):
 
 - ``devil``: language-modelling adaptation to a held-out domain, The Devil's Dictionary (never
@@ -13,7 +13,7 @@ train / validation / test splits disjoint by construction (split by a hash of th
 
 Every row has a ``group`` column (first letter, part of speech, first word of the verse) for
 non-IID partitioning (``partition.by: group``). Seeded and deterministic. The image task
-(``digits``) and the ViT's public data are built by ``python -m fl_offsite.vision data``.
+(``digits``) and the ViT's public data are built by ``python -m fl_offsite.reference.vision data``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import json
 import random
 from pathlib import Path
 
-from .fileio import atomic_dir
+from ..fileio import atomic_dir
 
 
 def split_of(key: str) -> str:
@@ -41,7 +41,7 @@ def write_task(out: Path, name: str, rows: list[tuple[str, dict]], readme: str) 
             (tmp / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items))
         counts = ", ".join(f"{k} {len(v)}" for k, v in splits.items())
         (tmp / "README.md").write_text(f"# {name}\n\n{readme}\n\nRows: {counts}.\nRebuild: "
-                                       "`python -m fl_offsite.tasks --corpus corpus --out "
+                                       "`python -m fl_offsite.reference.tasks --corpus corpus --out "
                                        "fl_offsite/datasets`.\n")
     return {k: len(v) for k, v in splits.items()}
 

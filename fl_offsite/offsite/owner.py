@@ -5,14 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import adapter as adapters
-from . import data
+from ..training import data
 from .adapter import Adapter
-from .architectures import resolve
+from ..models.families import resolve
 from .bundle import BundleInfo, write_bundle
-from .config import DistillConfig, SplitConfig
-from .errors import UserError
-from .fileio import atomic_dir
-from .models import load_config, load_model, load_processor
+from ..config import DistillConfig, SplitConfig
+from ..errors import UserError
+from ..fileio import atomic_dir
+from ..models.loading import load_config, load_model, load_processor
 from .plan import LayerPlan, make_plan
 
 
@@ -45,8 +45,8 @@ def make_emulator(model, processor, split: SplitConfig, log=None
                   ) -> tuple[LayerPlan, dict | None, dict]:
     """The plan, the emulator tensors (None: the model's own blocks) and a record of how
     they were made, as ``split`` asks: uniform or similarity-based choice, then distillation."""
-    from .distill import distill, emulated_from_full
-    from .layer_selection import select_layers
+    from ..emulators.distill import distill, emulated_from_full
+    from ..emulators.similarity import select_layers
 
     arch = resolve(model)
     pad_id = getattr(processor, "pad_token_id", 0) or 0

@@ -1,7 +1,7 @@
 """The vision side of the reference set: a ViT pretrained offline on rendered digits, and a
 handwritten-digits task it has never seen.
 
-``python -m fl_offsite.vision data --out fl_offsite/datasets`` writes
+``python -m fl_offsite.reference.vision data --out fl_offsite/datasets`` writes
 
 - ``digits``: scikit-learn's bundled copy of the UCI optical handwritten digits (8 x 8, values
   0..16), train / validation / test by a hash of the item's index (about 70 / 10 / 20), rows
@@ -10,7 +10,7 @@ handwritten-digits task it has never seen.
 - ``rendered-digits``: the model owner's public data (for distilling its emulator): printed
   digits rendered as below with a seed the pretraining never uses.
 
-``python -m fl_offsite.vision pretrain --out fl_offsite/zoo/ref-vit --threads 1`` pretrains
+``python -m fl_offsite.reference.vision pretrain --out fl_offsite/zoo/ref-vit --threads 1`` pretrains
 ``fl-offsite/ref-vit`` on freshly rendered printed digits: digits 0-9 drawn with Pillow's
 built-in fonts (its FreeType default font and its bitmap font), randomly rotated, sheared,
 stretched, thickened and speckled, scaled to fill a 32 x 32 bitmap as NIST's preprocessing does
@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .fileio import atomic_dir
+from ..fileio import atomic_dir
 
 SIDE = 32  # the bitmap the digits are drawn on (as in the UCI data); 8 x 8 after 4 x 4 counts
 PUBLIC_SEED = 1_000_003  # rendered-digits; pretraining draws from seeds 0.. and its held-out set
@@ -129,7 +129,7 @@ def processor_pixel_values(images: np.ndarray, processor) -> torch.Tensor:
     """The same through the real path (``data.image_items``), for the check."""
     import datasets
 
-    from .data import image_items
+    from ..training.data import image_items
 
     ds = datasets.Dataset.from_dict({"pixels": [im.tolist() for im in images],
                                      "label": [0] * len(images)})
@@ -166,12 +166,12 @@ task (it was pretrained on printed digits only, so this is a printed -> handwrit
 - Rows: `pixels` (8 x 8 nested list of ints), `label` (0-9), `group` (= label, so
   `partition.by: group` gives Dirichlet label skew). Split by a hash of the row's index in
   `load_digits()`: {counts}.
-- Rebuild (scikit-learn {sklearn}): `python -m fl_offsite.vision data --out fl_offsite/datasets`.
+- Rebuild (scikit-learn {sklearn}): `python -m fl_offsite.reference.vision data --out fl_offsite/datasets`.
 """
 
 RENDERED_README = """# rendered-digits
 
-Printed digits 0-9 rendered by `fl_offsite.vision.render` (Pillow's built-in fonts, random
+Printed digits 0-9 rendered by `fl_offsite.reference.vision.render` (Pillow's built-in fonts, random
 rotation, shear, stretch, stroke width and speckle, 32 x 32 bitmap counted into 8 x 8, values
 0..16, the format of `fl-offsite/digits`), balanced over the labels. It is the model owner's
 *public* data for `fl-offsite/ref-vit` (distilling its emulator); the same kind of images as
@@ -180,7 +180,7 @@ its pretraining but another seed ({seed}), and nothing of the handwritten task.
 - Licence: generated here, with the fonts embedded in Pillow (MIT-CMU licence; Aileron by
   dotcolon.net, CC0).
 - Rows: `pixels`, `label`, `group` (= label): {counts}.
-- Rebuild: `python -m fl_offsite.vision data --out fl_offsite/datasets`.
+- Rebuild: `python -m fl_offsite.reference.vision data --out fl_offsite/datasets`.
 """
 
 
@@ -250,8 +250,8 @@ def accuracy(model, inputs: torch.Tensor, labels: torch.Tensor, batch: int = 250
 
 def digits_accuracy(model, processor, split: str = "test") -> float | None:
     """Accuracy on the packaged ``fl-offsite/digits`` split (None if it is not built)."""
-    from . import data
-    from .evaluate import classification_accuracy
+    from ..training import data
+    from ..training.evaluate import classification_accuracy
 
     if not (data.PACKAGED_DIR / "digits").is_dir():
         return None
@@ -273,14 +273,14 @@ patches (65 tokens) made a training step about 3.5 times slower on one CPU threa
 ## How it was made
 
 ```bash
-python -m fl_offsite.vision data --out fl_offsite/datasets   # first: the zero-shot check
+python -m fl_offsite.reference.vision data --out fl_offsite/datasets   # first: the zero-shot check
 {command}
 ```
 
 - data: digits 0-9 drawn with Pillow's built-in fonts (FreeType default font Aileron 3 in 4,
   5 x 7 bitmap font 1 in 4), random shear, rotation (+-15 degrees), height 26-32 px, stretch,
   stroke width and speckle on a 32 x 32 bitmap, counted into 8 x 8 blocks (0..16) exactly like
-  the UCI optical digits; a fresh batch every step (`fl_offsite/vision.py`, `render_digit`)
+  the UCI optical digits; a fresh batch every step (`fl_offsite/reference/vision.py`, `render_digit`)
 - {steps} steps of {batch} images ({images:,} images), AdamW lr {lr} ({warmup} warm-up steps,
   cosine decay), weight decay {weight_decay}, seed {seed}; {minutes:.1f} minutes on one thread
   (2 shared CPU cores); seeded and deterministic on one thread
@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     torch.set_num_threads(args.threads)
     cfg = VitConfig(**{k: getattr(args, k) for k in asdict(VitConfig())})
-    card = pretrain(args.out, cfg, "python -m fl_offsite.vision " + " ".join(
+    card = pretrain(args.out, cfg, "python -m fl_offsite.reference.vision " + " ".join(
         sys.argv[1:] if argv is None else argv))
     print(f"{args.out}: {card['parameters']:,} parameters, {card['seconds'] / 60:.1f} minutes, "
           f"held-out rendered accuracy {card['held_out_rendered_acc']:.3f}, zero-shot on "

@@ -13,10 +13,10 @@ import torch
 from transformers import (AutoConfig, AutoImageProcessor, AutoModelForCausalLM,
                           AutoModelForImageClassification, AutoTokenizer)
 
-from .architectures import FAMILIES
-from .errors import UserError
+from .families import FAMILIES
+from ..errors import UserError
 
-ZOO_DIR = Path(__file__).parent / "zoo"
+ZOO_DIR = Path(__file__).parents[1] / "zoo"
 ZOO_PREFIX = "fl-offsite/"
 
 AUTO_CLASSES = {

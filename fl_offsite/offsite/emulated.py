@@ -10,10 +10,10 @@ from pathlib import Path
 
 from . import adapter as adapters
 from .adapter import Adapter
-from .architectures import resolve
+from ..models.families import resolve
 from .bundle import BundleInfo, load_bundle, read_info
-from .errors import UserError
-from .fileio import load_tensors
+from ..errors import UserError
+from ..fileio import load_tensors
 
 
 class EmulatedModel:

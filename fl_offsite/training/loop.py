@@ -16,7 +16,7 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
 from .data import collate
-from .errors import UserError
+from ..errors import UserError
 
 
 @dataclass
