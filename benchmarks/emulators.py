@@ -21,11 +21,11 @@ from pathlib import Path
 
 METHODS = {
     "uniform": {},
-    "uniform + int8": {"quantize": "int8"},
-    "similarity": {"layer_selection": "similarity"},
-    "similarity + shared": {"layer_selection": "similarity", "repeat_blocks": True},
+    "uniform + int8": {"compression": {"name": "int8"}},
+    "similarity": {"selection": {"name": "similarity"}},
+    "similarity + shared": {"selection": {"name": "similarity", "repeat_blocks": True}},
     "distilled": {"distill": True},
-    "distilled + int8": {"distill": True, "quantize": "int8"},
+    "distilled + int8": {"distill": True, "compression": {"name": "int8"}},
 }
 
 
@@ -46,21 +46,21 @@ def main() -> None:
     import torch
 
     from fl_offsite.training import data
-    from fl_offsite.config import DistillConfig, SplitConfig
+    from fl_offsite.emulators.pipeline import DistillConfig, SplitConfig
     from fl_offsite.offsite.emulated import EmulatedModel
     from fl_offsite.training.evaluate import evaluate
     from fl_offsite.models.loading import load_model, load_processor
     from fl_offsite.offsite.owner import build_bundle
     from fl_offsite.quiet import quiet_libraries
     from fl_offsite.reference.reproduce import offsite_finetune
-    from fl_offsite.training.loop import TrainConfig
+    from fl_offsite.training.config import TrainConfig
 
     quiet_libraries()
     torch.set_num_threads(1)
     processor = load_processor(args.model)
     train_data = data.prepare(args.data, "train", processor, 128)
     test_data = data.prepare(args.data, "test", processor, 128, args.max_eval)
-    cfg = TrainConfig(lr=args.lr, epochs=args.epochs, batch_size=8, seed=0)
+    cfg = TrainConfig(lr=args.lr, epochs=args.epochs, batch_size=8)
     full_zero_shot = evaluate(load_model(args.model), test_data, processor)["ppl"]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -68,7 +68,8 @@ def main() -> None:
             options = dict(METHODS[name])
             distill = DistillConfig(data=args.public, steps=args.distill_steps if
                                     options.pop("distill", False) else 0)
-            split = SplitConfig(emulator_layers=args.emulator_layers, distill=distill, **options)
+            split = SplitConfig.model_validate({"emulator_layers": args.emulator_layers,
+                                             "distill": distill, **options})
             started = time.time()
             info = build_bundle(args.model, Path(tmp) / name.replace(" ", ""), split)
             build_seconds = time.time() - started

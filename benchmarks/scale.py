@@ -82,7 +82,7 @@ def main() -> None:
                 "clients_per_round": args.per_round, "rounds": args.rounds,
                 "evaluate_emulator": False, "split": {"emulator_layers": 2},
                 "data": {"path": data_dir, "block_size": 32, "max_eval_examples": 5},
-                "train": {"local_steps": 1, "batch_size": 2}})
+                "train": {"max_steps": 1, "batch_size": 2}})
             started = time.perf_counter()
             with PeakMemory() as memory:
                 summary = simulate(cfg, new_run_dir(cfg, Path(tmp) / f"run-{n}"))

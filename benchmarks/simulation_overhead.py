@@ -30,7 +30,7 @@ def settings(n: int, rounds: int) -> dict:
             "clients_per_round": n, "rounds": rounds, "evaluate_emulator": False,
             "split": {"emulator_layers": 2},
             "data": {"path": "fl-offsite/pydoc", "block_size": 32, "max_eval_examples": 5},
-            "train": {"lr": 0.002, "local_steps": 2, "batch_size": 4}}
+            "train": {"lr": 0.002, "max_steps": 2, "batch_size": 4}}
 
 
 def sequential_loop(cfg, bundle_dir: Path) -> list[float]:
@@ -41,7 +41,8 @@ def sequential_loop(cfg, bundle_dir: Path) -> list[float]:
     from fl_offsite.offsite.emulated import EmulatedModel
     from fl_offsite.federation.partition import partition
     from fl_offsite.models.loading import load_processor
-    from fl_offsite.training.loop import TrainConfig, train
+    from fl_offsite.training.config import TrainConfig
+    from fl_offsite.training.loop import train
 
     emulated = EmulatedModel(bundle_dir)
     current = emulated.prepare("blocks", seed=cfg.seed)
@@ -57,7 +58,7 @@ def sequential_loop(cfg, bundle_dir: Path) -> list[float]:
         for pid in range(cfg.num_clients):
             emulated.set_adapter(current)
             train(emulated.model, items[pid], TrainConfig(lr=cfg.train.lr, max_steps=2,
-                                                          batch_size=4, seed=rnd * 1000 + pid))
+                                                          batch_size=4), seed=rnd * 1000 + pid)
             uploads.append((emulated.adapter().tensors, len(items[pid])))
         total = sum(n for _, n in uploads)
         current = current.with_tensors({k: sum(t[k] * n for t, n in uploads) / total

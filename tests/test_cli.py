@@ -104,9 +104,10 @@ def _bad_inputs(tmp_path, pydoc_data):
         (["simulate", "--config", DEMO_CONFIG, "--set", "split.distill.data=/no/such/text",
           "--set", "split.distill.steps=5"], "split.distill.data"),
         (["simulate", "--config", DEMO_CONFIG, "--set", "realign.every=1"], "realign.every"),
-        (["simulate", "--config", DEMO_CONFIG, "--set", "split.layer_selection=similarity"],
+        (["simulate", "--config", DEMO_CONFIG, "--set", "split.selection.name=similarity"],
          "distill.data is missing"),
-        (["simulate", "--config", DEMO_CONFIG, "--set", "split.quantize=int4"], "split.quantize"),
+        (["simulate", "--config", DEMO_CONFIG, "--set", "split.compression.name=int4"],
+         "split.compression.name"),
         (["simulate", "--config", DEMO_CONFIG, "--out", occupied], "--out"),
     ], occupied
 

@@ -15,7 +15,8 @@ from fl_offsite.offsite.bundle import split_state, write_bundle
 from fl_offsite.offsite.emulated import EmulatedModel, bundle_adapter
 from fl_offsite.errors import UserError
 from fl_offsite.offsite.plan import make_plan
-from fl_offsite.training.loop import TrainConfig, train
+from fl_offsite.training.config import TrainConfig
+from fl_offsite.training.loop import train
 
 from conftest import model_inputs, tiny_model, training_items
 
@@ -186,7 +187,7 @@ def test_training_is_deterministic_for_a_seed(tmp_path):
         emulated = EmulatedModel(tmp_path / "b")
         emulated.prepare("lora", seed=3)
         train(emulated.model, training_items(model), TrainConfig(lr=1e-2, max_steps=3,
-                                                                 batch_size=2, seed=5))
+                                                                 batch_size=2), seed=5)
         results.append(emulated.adapter().tensors)
     assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
 
@@ -226,7 +227,7 @@ def test_fedprox_term_keeps_the_adapter_near_its_start(tmp_path):
         emulated = EmulatedModel(tmp_path / "b")
         start = emulated.prepare("blocks").tensors
         train(emulated.model, training_items(model), TrainConfig(lr=1e-2, max_steps=5,
-                                                                 batch_size=4, prox_mu=mu))
+                                                                 batch_size=4), prox_mu=mu)
         end = emulated.adapter().tensors
         distances[mu] = sum(float((end[k] - start[k]).pow(2).sum()) for k in start) ** 0.5
     assert distances[1e4] < 0.5 * distances[0.0]

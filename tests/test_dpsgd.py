@@ -20,7 +20,8 @@ from fl_offsite.offsite.emulated import EmulatedModel
 from fl_offsite.errors import UserError
 from fl_offsite.models.loading import load_model, load_processor
 from fl_offsite.offsite.plan import make_plan
-from fl_offsite.training.loop import TrainConfig, train
+from fl_offsite.training.config import TrainConfig
+from fl_offsite.training.loop import train
 
 # Opacus' hooks on the first adapter block, whose input needs no gradient (expected)
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
@@ -124,7 +125,7 @@ def test_noise_is_what_makes_the_updates_differ(tiny_bundle):
         emulated = EmulatedModel(tiny_bundle)
         start = emulated.prepare("blocks").tensors
         stats = dpsgd.train_dpsgd(emulated.model, items,
-                                  TrainConfig(lr=1e-3, max_steps=1, batch_size=8, seed=0),
+                                  TrainConfig(lr=1e-3, max_steps=1, batch_size=8),
                                   noise_multiplier=z, max_grad_norm=0.5, delta=1e-5)
         end = emulated.adapter().tensors
         directions.setdefault(z, []).append(torch.cat([(end[k] - start[k]).sign().flatten()
@@ -162,9 +163,8 @@ def test_fedprox_term_still_applies(tiny_bundle):
     for mu in (0.0, 1e4):
         emulated = EmulatedModel(tiny_bundle)
         start = emulated.prepare("blocks").tensors
-        dpsgd.train_dpsgd(emulated.model, items, TrainConfig(lr=1e-2, max_steps=5, batch_size=8,
-                                                             prox_mu=mu),
-                          noise_multiplier=0.0, max_grad_norm=1.0, delta=1e-5)
+        dpsgd.train_dpsgd(emulated.model, items, TrainConfig(lr=1e-2, max_steps=5, batch_size=8),
+                          noise_multiplier=0.0, max_grad_norm=1.0, delta=1e-5, prox_mu=mu)
         end = emulated.adapter().tensors
         distances[mu] = sum(float((end[k] - start[k]).pow(2).sum()) for k in start) ** 0.5
     assert distances[1e4] < 0.5 * distances[0.0]
@@ -214,7 +214,7 @@ def test_a_dpsgd_federation_reports_each_data_owners_epsilon(tmp_path):
         "model": "fl-offsite/tiny-opt", "num_clients": 2, "clients_per_round": 2, "rounds": 2,
         "split": {"emulator_layers": 2}, "tuning": {"kind": "lora"},
         "data": {"path": "fl-offsite/pydoc", "block_size": 32, "max_eval_examples": 10},
-        "train": {"lr": 0.01, "local_steps": 2, "batch_size": 4},
+        "train": {"lr": 0.01, "max_steps": 2, "batch_size": 4},
         "dp": {"mode": "dpsgd", "noise_multiplier": 1.0, "max_grad_norm": 0.5}})
     run_dir = tmp_path / "run"
     summary = simulate(cfg, new_run_dir(cfg, run_dir))

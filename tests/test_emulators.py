@@ -15,8 +15,9 @@ from fl_offsite.emulators.distill import Objective, distill, emulated_from_full,
 from fl_offsite.offsite.emulated import EmulatedModel
 from fl_offsite.emulators.similarity import select_layers, similarity_plan
 from fl_offsite.offsite.plan import make_plan
-from fl_offsite.emulators.int8 import Int8Linear
-from fl_offsite.training.loop import TrainConfig, train
+from fl_offsite.emulators.int8 import Int8Compression, Int8Linear
+from fl_offsite.training.config import TrainConfig
+from fl_offsite.training.loop import train
 
 
 def held_out_items(model, n: int = 6) -> list[dict]:
@@ -118,7 +119,7 @@ def test_int8_emulator_is_close_to_float_and_trains_the_adapter(family, tmp_path
     model = tiny_model(family)
     plan = make_plan(8, 2, 2, 2)
     write_bundle(model, plan, tmp_path / "f", "tiny")
-    write_bundle(model, plan, tmp_path / "q", "tiny", quantize="int8")
+    write_bundle(model, plan, tmp_path / "q", "tiny", compression=Int8Compression())
     float_model, _ = load_bundle(tmp_path / "f")
     quant = EmulatedModel(tmp_path / "q")
     blocks = resolve(quant.model).blocks(quant.model)
@@ -140,7 +141,7 @@ def test_int8_bundle_of_the_reference_model_is_smaller_and_its_logits_stay_close
     emulator in memory; the perplexity-relevant logits barely move."""
     assert cli.main(["emulator", "--model", "fl-offsite/ref-opt", "--out", str(tmp_path / "f")]) == 0
     assert cli.main(["emulator", "--model", "fl-offsite/ref-opt", "--out", str(tmp_path / "q"),
-                     "--quantize", "int8"]) == 0
+                     "--compression", "int8"]) == 0
     size = {b: (tmp_path / b / "emulator.safetensors").stat().st_size for b in "fq"}
     assert size["f"] / size["q"] >= 3.5, size
     f, q = EmulatedModel(tmp_path / "f"), EmulatedModel(tmp_path / "q")
@@ -163,7 +164,7 @@ def test_emulator_cli_distils_on_public_text_and_records_how(tmp_path, capsys):
     assert cli.main(["emulator", "--model", "fl-offsite/tiny-opt", "--out", str(out),
                      "--layer-selection", "similarity", "--distill-data", "fl-offsite/pydoc",
                      "--distill-steps", "6", "--distill-batch-size", "4",
-                     "--distill-max-examples", "40", "--block-size", "64", "--quantize",
+                     "--distill-max-examples", "40", "--block-size", "64", "--compression",
                      "int8"]) == 0
     printed = capsys.readouterr().out
     assert "similarity + distilled + int8" in printed and "held-out nmse" in printed
@@ -176,7 +177,7 @@ def test_emulator_cli_distils_on_public_text_and_records_how(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--layer-selection", "similarity"], "split: distill.data is missing"),
-    (["--repeat-blocks"], "repeat_blocks needs layer_selection: similarity"),
+    (["--repeat-blocks"], "--repeat-blocks: needs --layer-selection similarity"),
     (["--distill-data", "no/such/dir/x.jsonl"], "--data: 'no/such/dir/x.jsonl'"),
 ])
 def test_emulator_cli_bad_options_fail_with_one_line_and_no_bundle(argv, message, tmp_path,
@@ -195,7 +196,7 @@ REALIGN = {
                                                 "block_size": 32, "batch_size": 4}},
     "realign": {"every": 1, "steps": 3, "lr": 1e-3},
     "data": {"path": "fl-offsite/pydoc", "block_size": 32, "max_eval_examples": 20},
-    "train": {"lr": 0.002, "local_steps": 2, "batch_size": 4},
+    "train": {"lr": 0.002, "max_steps": 2, "batch_size": 4},
 }
 
 

@@ -24,7 +24,7 @@ BASE = {
     "name": "test", "model": "fl-offsite/tiny-opt", "num_clients": 3, "clients_per_round": 3,
     "rounds": 2, "seed": 0, "split": {"emulator_layers": 2},
     "data": {"path": "fl-offsite/pydoc", "block_size": 32, "max_eval_examples": 20},
-    "train": {"lr": 0.002, "local_steps": 2, "batch_size": 4},
+    "train": {"lr": 0.002, "max_steps": 2, "batch_size": 4},
 }
 
 
@@ -47,7 +47,7 @@ class RecordingFedAvg(FedAvg):
 def crashing_run(tmp_path_factory):
     """3 data owners, 2 rounds, FedAvg recorded, fault drill crashing about a third of them."""
     patch = pytest.MonkeyPatch()
-    patch.setitem(strategies.STRATEGIES, "fedavg", (RecordingFedAvg, {}))
+    patch.setattr(strategies.FedAvg, "flower_strategy_class", lambda self: RecordingFedAvg)
     RecordingFedAvg.calls = []
     cfg = configs.load(None, {**BASE, "faults": {"crash": 0.34, "seed": 3}})
     run_dir = new_run_dir(cfg, tmp_path_factory.mktemp("sim") / "run")
@@ -124,7 +124,7 @@ def test_offsite_mode_over_the_message_transport(tmp_path):
 
     cfg = configs.load(None, {**BASE, **OFFSITE_OVERRIDES, "rounds": 1,
                               "bundle_transport": "message", "tuning": {"kind": "lora"},
-                              "train": {"lr": 0.01, "local_steps": 2, "batch_size": 4}})
+                              "train": {"lr": 0.01, "max_steps": 2, "batch_size": 4}})
     summary = simulate(cfg, new_run_dir(cfg, tmp_path / "run"))
     (record,) = summary["rounds"]
     assert record["clients_ok"] == 1 and record["bundles_sent"] == 1
@@ -152,7 +152,7 @@ def test_the_demo_improves_on_zero_shot(tmp_path):
 def test_strategy_families_end_to_end_with_corrupted_uploads(name, tmp_path):
     """Proximal, server-optimizer and robust families; a third of the uploads are NaN."""
     cfg = configs.load(None, {**BASE, "rounds": 2, "strategy": {"name": name},
-                              "train": {"lr": 0.002, "local_steps": 1, "batch_size": 4},
+                              "train": {"lr": 0.002, "max_steps": 1, "batch_size": 4},
                               "faults": {"nan_update": 0.34, "seed": 1}})
     summary = simulate(cfg, new_run_dir(cfg, tmp_path / "run"))
     faults = cfg.faults.model_dump()

@@ -18,7 +18,7 @@ DEMO_CONFIG = str(Path(__file__).parents[1] / "configs" / "demo.yaml")
 BASE = {"model": "fl-offsite/tiny-opt", "split": {"emulator_layers": 2},
         "data": {"path": "fl-offsite/pydoc", "block_size": 32},
         "train": {"batch_size": 4}}
-FIXES = ("train.batch_size", "data.block_size", "resources.num_cpus", "split.quantize=int8")
+FIXES = ("train.batch_size", "data.block_size", "resources.num_cpus", "split.compression.name=int8")
 
 
 @pytest.fixture(autouse=True)
@@ -93,7 +93,7 @@ def test_a_data_owner_short_of_memory_fails_cleanly_and_the_run_goes_on(tmp_path
     monkeypatch.setenv(memory.LIMIT_ENV, "30")  # the bundle (3 MB) fits, training does not
     cfg = configs.load(None, {**BASE, "num_clients": 2, "clients_per_round": 2, "rounds": 2,
                               "data": {**BASE["data"], "max_eval_examples": 10},
-                              "train": {"local_steps": 1, "batch_size": 4}})
+                              "train": {"max_steps": 1, "batch_size": 4}})
     summary = simulate(cfg, new_run_dir(cfg, tmp_path / "run"))
     first, second = summary["rounds"]
     assert first["bundles_sent"] == 2 and second["bundles_sent"] == 0  # loaded, kept

@@ -49,7 +49,7 @@ def test_no_dropped_block_and_no_checkpoint_leaves_the_model_owner(tmp_path, mon
         "model": "fl-offsite/tiny-opt", "num_clients": 2, "clients_per_round": 2, "rounds": 2,
         "bundle_transport": "message", "split": {"emulator_layers": 2},
         "data": {"path": "fl-offsite/pydoc", "block_size": 32, "max_eval_examples": 10},
-        "train": {"local_steps": 1, "batch_size": 4}})
+        "train": {"max_steps": 1, "batch_size": 4}})
     simulate(cfg, new_run_dir(cfg, tmp_path / "run"))
 
     model = load_model(cfg.model)

@@ -20,7 +20,7 @@ from fl_offsite.cli import main
 pytestmark = pytest.mark.slow
 DEMO = str(Path(__file__).parents[1] / "configs" / "demo.yaml")
 SETTINGS = ["--set", "rounds=3", "--set", "num_clients=4", "--set", "clients_per_round=2",
-            "--set", "data.max_eval_examples=20", "--set", "train.local_steps=2",
+            "--set", "data.max_eval_examples=20", "--set", "train.max_steps=2",
             "--set", "strategy.name=fedadam"]  # server-optimizer moments must survive too
 
 

@@ -26,7 +26,7 @@ BASE = {
     "name": "test", "model": "fl-offsite/tiny-opt", "num_clients": 3, "clients_per_round": 3,
     "rounds": 2, "seed": 0, "split": {"emulator_layers": 2},
     "data": {"path": "fl-offsite/pydoc", "block_size": 32, "max_eval_examples": 20},
-    "train": {"lr": 0.002, "local_steps": 2, "batch_size": 4},
+    "train": {"lr": 0.002, "max_steps": 2, "batch_size": 4},
 }
 CRASH = {"crash": 0.34, "seed": 4}  # data owner 1 raises in round 1, data owner 2 in round 2
 
@@ -63,7 +63,7 @@ class RecordingGrid:
 
 def _run(tmp_path_factory, secure: bool) -> dict:
     patch = pytest.MonkeyPatch()
-    patch.setitem(strategies.STRATEGIES, "fedavg", (RecordingFedAvg, {}))
+    patch.setattr(strategies.FedAvg, "flower_strategy_class", lambda self: RecordingFedAvg)
     sent, received = [], []
     real = server.run_federation
     patch.setattr(server, "run_federation",

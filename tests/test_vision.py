@@ -18,7 +18,8 @@ from fl_offsite.offsite.emulated import EmulatedModel
 from fl_offsite.training.evaluate import classification_accuracy
 from fl_offsite.models.loading import load_model, load_processor
 from fl_offsite.offsite.owner import build_bundle
-from fl_offsite.training.loop import TrainConfig, train
+from fl_offsite.training.config import TrainConfig
+from fl_offsite.training.loop import train
 
 SPLITS = ("train", "validation", "test")
 
@@ -98,7 +99,7 @@ def test_short_offsite_tuning_beats_zero_shot(digits, tmp_path):
     emulator_zero_shot = classification_accuracy(emulated.model, test.train_items)
     emulated.prepare("blocks", seed=0)
     train(emulated.model, train_data.train_items,
-          TrainConfig(lr=1e-3, max_steps=60, batch_size=16, seed=0))
+          TrainConfig(lr=1e-3, max_steps=60, batch_size=16), seed=0)
     full = load_model("fl-offsite/ref-vit")
     plugged = classification_accuracy(plug(full, resolve(full), emulated.adapter()),
                                       test.train_items)

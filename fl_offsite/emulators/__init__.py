@@ -1,0 +1,26 @@
+"""Emulator methods by name: how the model owner makes the frozen, lossy stand-in for the
+middle blocks (``pipeline.py`` runs them: selection, then distillation, then compression).
+
+Adding a method is one module with its config class (``base.Selection`` or
+``base.Compression``) and one line in a registry below; the run config's types
+(``Selection``, ``Compression``) are derived from the registries.
+"""
+
+from __future__ import annotations
+
+from ..registry import tagged_union
+from .int8 import Int8Compression
+from .similarity import SimilaritySelection
+from .uniform import UniformSelection
+
+SELECTIONS = {
+    "uniform": UniformSelection,
+    "similarity": SimilaritySelection,
+}
+
+COMPRESSIONS = {
+    "int8": Int8Compression,
+}
+
+Selection = tagged_union(SELECTIONS, default="uniform")
+Compression = tagged_union(COMPRESSIONS)

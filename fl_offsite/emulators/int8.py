@@ -13,12 +13,15 @@ as (in, out); it is transposed once on the way in, so every quantised layer is a
 
 from __future__ import annotations
 
+from typing import ClassVar, Literal
+
 import torch
 import torch.nn.functional as F
 from transformers.pytorch_utils import Conv1D
 
+from .base import Compression
+
 SCALE_SUFFIX = "_scale"
-METHODS = ("int8",)
 
 
 def is_quantizable(module: torch.nn.Module) -> bool:
@@ -101,3 +104,15 @@ def use_int8_layers(block: torch.nn.Module, state: dict[str, torch.Tensor]) -> N
             parent_name, _, child = name.rpartition(".")
             setattr(block.get_submodule(parent_name) if parent_name else block, child,
                     replacement)
+
+
+class Int8Compression(Compression):
+    name: Literal["int8"] = "int8"
+    bytes_per_weight: ClassVar[float] = 1.0
+
+    def compress_block(self, block, state):
+        return quantize_block(block, state)
+
+    @classmethod
+    def prepare_block(cls, block, state):
+        use_int8_layers(block, state)

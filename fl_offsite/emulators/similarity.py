@@ -15,11 +15,15 @@ Similarities are measured with the full model on public data, on a token sample 
 
 from __future__ import annotations
 
+from typing import ClassVar, Literal
+
 import numpy as np
 import torch
+from pydantic import Field
 
-from ..training.data import collate
 from ..offsite.plan import LayerPlan, make_plan
+from ..training.data import collate
+from .base import Selection
 
 
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -94,3 +98,19 @@ def select_layers(model, arch, items: list[dict], adapter_bottom: int, adapter_t
     plan = similarity_plan(changes, depth, adapter_bottom, adapter_top, emulator_layers,
                            drop_ratio, repeat)
     return plan, changes
+
+
+class SimilaritySelection(Selection):
+    """Keep the blocks that change the representation most, measured on public text."""
+
+    name: Literal["similarity"] = "similarity"
+    repeat_blocks: bool = Field(False, description="repeat each kept block over the blocks it "
+                                "stands in for (CRaSh-style sharing)")
+    needs_public_data: ClassVar[bool] = True
+
+    def plan(self, model, arch, split, public_items, pad_id):
+        plan, changes = select_layers(model, arch, public_items, split.adapter_bottom,
+                                      split.adapter_top, split.emulator_layers, split.drop_ratio,
+                                      self.repeat_blocks, split.distill.seed, pad_id)
+        return plan, {"public_data": split.distill.data, "repeat_blocks": self.repeat_blocks,
+                      "block_changes": [round(c, 6) for c in changes]}

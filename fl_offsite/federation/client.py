@@ -26,7 +26,8 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from ..offsite.emulated import EmulatedModel
 from ..errors import UserError
 from ..models.loading import load_processor
-from ..training.loop import TrainConfig, train
+from ..training.config import TrainConfig
+from ..training.loop import train
 from . import memory, protocol
 
 _EMULATED: dict[str, EmulatedModel] = {}
@@ -204,16 +205,16 @@ def train_adapter(msg: Message, context: Context) -> Message:
     items = _training_items(task, context, processor)
     round_seed = task["seed"] + 1000 * int(cfg.get("server-round", 0)) + \
         int(context.node_config.get("partition-id", 0))
-    train_cfg = TrainConfig(**task["train"], seed=round_seed,
-                            prox_mu=float(cfg.get("proximal-mu", 0.0)))
+    train_cfg = TrainConfig(**task["train"])
+    prox_mu = float(cfg.get("proximal-mu", 0.0))
     pad_id = getattr(processor, "pad_token_id", 0) or 0
     dp = task.get("dp") or {}
     if dp.get("mode") == "dpsgd":  # per-example clipping and noise while training (dpsgd.py)
         from ..training.dpsgd import train_dpsgd
         stats = train_dpsgd(emulated.model, items, train_cfg, dp["noise_multiplier"],
-                            dp["max_grad_norm"], dp["delta"], pad_id)
+                            dp["max_grad_norm"], dp["delta"], pad_id, round_seed, prox_mu)
     else:
-        stats = train(emulated.model, items, train_cfg, pad_id)
+        stats = train(emulated.model, items, train_cfg, pad_id, round_seed, prox_mu)
     trained = emulated.adapter()
     if dp and dp.get("mode", "update") == "update":
         from .privacy import privatize

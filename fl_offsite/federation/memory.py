@@ -38,7 +38,7 @@ WORKSPACE = 64 * MB
 PROCESS = 512 * MB  # one Python process with torch and transformers imported (measured ~0.5 GB)
 TENSOR_FILES = ("emulator.safetensors", "shared.safetensors", "adapter.safetensors")
 FIX = ("lower train.batch_size or data.block_size, run fewer data owners at once (raise "
-       "resources.num_cpus), or quantize the emulator (split.quantize=int8)")
+       "resources.num_cpus), or compress the emulator (split.compression.name=int8)")
 
 
 class MemoryBudgetError(UserError):
@@ -139,7 +139,9 @@ def config_estimate(cfg) -> Estimate:
     plan = make_plan(len(blocks), cfg.split.adapter_bottom, cfg.split.adapter_top,
                      cfg.split.emulator_layers, cfg.split.drop_ratio)
     size = torch.finfo(DTYPES[cfg.dtype]).bits // 8
-    middle = sum(block_params[i] for i in plan.emulator) * (1 if cfg.split.quantize else size)
+    compression = cfg.split.compression
+    per_weight = compression.bytes_per_weight if compression else size
+    middle = sum(block_params[i] for i in plan.emulator) * per_weight
     adapter = sum(block_params[i] for i in plan.adapter) * size
     estimate = Estimate(int(1.5 * (shared * size + middle + adapter)))
     emulated = emulated_config(config, plan).to_dict()

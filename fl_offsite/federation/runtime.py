@@ -11,8 +11,6 @@ from ..errors import UserError
 
 def preflight(cfg: configs.Config, simulation: bool = True) -> None:
     """Every check that can fail before anything is written: a bad run leaves no run dir."""
-    import strategies
-
     from ..training import data
     from ..offsite.bundle import read_info
     from ..models.loading import load_config
@@ -21,7 +19,7 @@ def preflight(cfg: configs.Config, simulation: bool = True) -> None:
 
     if simulation:
         check_resources(cfg)
-    strategies.build(cfg.strategy, cfg.num_clients, cfg.clients_per_round)
+    cfg.strategy.check(cfg.clients_per_round)
     depth = load_config(cfg.model).num_hidden_layers
     if cfg.bundle:
         read_info(cfg.bundle)

@@ -17,7 +17,6 @@ from pathlib import Path
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
-import strategies
 from strategies.validation import screen, update_norm
 
 from ..offsite import adapter as adapters
@@ -31,7 +30,7 @@ from ..errors import UserError
 from ..training.evaluate import evaluate
 from ..fileio import load_tensors, tensors_hash
 from ..models.loading import load_model, load_processor
-from ..offsite.owner import make_emulator
+from ..emulators.pipeline import make_emulator
 from . import checkpoint, protocol, secagg
 from .tracking import RunLog
 
@@ -50,7 +49,7 @@ class ModelOwner:
         if not cfg.bundle and not (resume and (self.bundle_dir / "offsite.json").is_file()):
             plan, emulator, record = make_emulator(self.model, self.processor, cfg.split)
             write_bundle(self.model, plan, self.bundle_dir, cfg.model, self.processor, emulator,
-                         cfg.split.quantize, record)
+                         cfg.split.compression, record)
         self.emulated = EmulatedModel(self.bundle_dir)
         self.info = self.emulated.info
         if tensors_hash(shared) != self.info.source_hash:
@@ -93,7 +92,7 @@ class ModelOwner:
         (FedBiOT-style), write that bundle version and switch to it. Returns the adapter,
         re-stamped for the new bundle, and the distillation report."""
         from ..emulators.distill import distill, emulated_from_full
-        from ..offsite.owner import public_items
+        from ..emulators.pipeline import public_items
 
         if self.public is None:
             self.public = public_items(self.cfg.split.distill, self.processor)
@@ -118,16 +117,12 @@ class ModelOwner:
     def task(self) -> dict:
         """What every data owner needs to know to train (sent as JSON in each train message)."""
         cfg = self.cfg
-        t = cfg.train
         return {
             "data": cfg.data.path, "block_size": cfg.data.block_size,
             "max_train_examples": cfg.data.max_train_examples,
             "partition": cfg.partition.model_dump(),
             "tuning": {"kind": cfg.tuning.kind, "lora": self.lora},
-            "train": {"lr": t.lr, "epochs": t.local_epochs, "max_steps": t.local_steps,
-                      "batch_size": t.batch_size, "grad_accum": t.grad_accum,
-                      "weight_decay": t.weight_decay, "max_grad_norm": t.max_grad_norm,
-                      "mixed_precision": t.mixed_precision},
+            "train": cfg.train.model_dump(),
             "seed": cfg.seed,
             "faults": cfg.faults.model_dump(),
             "dp": cfg.dp.model_dump() if cfg.dp.active else None,
@@ -333,7 +328,7 @@ def run_federation(grid: Grid, cfg: Config, run_dir: Path, resume: bool = False)
 
 def _rounds(grid: Grid, cfg: Config, run_dir: Path, owner: ModelOwner, log: RunLog,
             resume: bool) -> None:
-    strategy = strategies.build(cfg.strategy, cfg.num_clients, cfg.clients_per_round)
+    strategy = cfg.strategy.build(cfg.num_clients, cfg.clients_per_round)
     nodes = NodeDirectory(grid, cfg.connect_timeout)
     shipper = BundleShipper(owner, cfg.bundle_transport, cfg.connect_timeout)
     run_print = checkpoint.fingerprint(cfg, owner.info.bundle_hash)

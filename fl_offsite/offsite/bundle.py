@@ -31,7 +31,6 @@ from ..errors import UserError
 from ..fileio import atomic_dir, load_tensors, save_tensors, tensors_hash
 from ..models.loading import AUTO_CLASSES
 from .plan import LayerPlan
-from ..emulators.int8 import quantize_block, use_int8_layers
 
 FORMAT_VERSION = 1
 META_FILE = "offsite.json"
@@ -118,13 +117,14 @@ def frozen_hash(config_json: str, plan: LayerPlan, emulator: dict, shared: dict)
 
 def write_bundle(model: torch.nn.Module, plan: LayerPlan, out_dir: str | Path,
                  source_model: str, processor=None, emulator: dict | None = None,
-                 quantize: str | None = None, record: dict | None = None,
+                 compression=None, record: dict | None = None,
                  overwrite: bool = False) -> BundleInfo:
     """Write the bundle of ``model`` for ``plan``.
 
     ``emulator`` (``"<index>.<path>"`` tensors) replaces the kept middle blocks, e.g. with a
-    distilled emulator; by default they are copied from the model. ``quantize="int8"`` stores
-    them as int8; ``record`` (how the emulator was made) goes into the metadata.
+    distilled emulator; by default they are copied from the model. ``compression`` (an
+    ``emulators`` compression method, e.g. int8) rewrites them before they are stored;
+    ``record`` (how the emulator was made) goes into the metadata.
     """
     arch = resolve(model)
     if plan.depth != len(arch.blocks(model)):
@@ -132,12 +132,10 @@ def write_bundle(model: torch.nn.Module, plan: LayerPlan, out_dir: str | Path,
                         f"{len(arch.blocks(model))}")
     shared, blocks = split_state(model, arch)
     emulator = emulator or keyed(blocks, plan.emulator)
-    if quantize == "int8":
+    if compression is not None:
         by_block = unkeyed(emulator)
-        emulator = keyed({i: quantize_block(arch.blocks(model)[i], by_block[i])
+        emulator = keyed({i: compression.compress_block(arch.blocks(model)[i], by_block[i])
                           for i in by_block}, by_block)
-    elif quantize is not None:
-        raise UserError(f"quantize: unknown method {quantize!r}; use int8 or leave it out")
     adapter = keyed(blocks, plan.adapter)
     cfg = emulated_config(model.config, plan)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
@@ -156,7 +154,8 @@ def write_bundle(model: torch.nn.Module, plan: LayerPlan, out_dir: str | Path,
             "task": arch.task,
             "plan": plan.to_dict(),
             "notation": plan.notation(),
-            "emulator": {"layer_selection": "uniform", **(record or {}), "quantize": quantize},
+            "emulator": {"layer_selection": "uniform", **(record or {}),
+                         "quantize": compression.name if compression else None},
             "bundle_hash": frozen_hash(config_json, plan, emulator, shared),
             "source_hash": tensors_hash(shared),
         }
@@ -168,9 +167,11 @@ def build_emulated_model(config, plan: LayerPlan, shared: dict, emulator: dict, 
                          task: str) -> torch.nn.Module:
     """Assemble the emulated model from its parts, without ever materialising random weights.
 
-    A block repeated in the plan is one module at several positions (shared weights); an int8
-    emulator block gets ``Int8Linear`` layers.
+    A block repeated in the plan is one module at several positions (shared weights); a
+    compressed emulator block is prepared by its compression method (int8: ``Int8Linear``).
     """
+    from ..emulators import COMPRESSIONS
+
     with init_empty_weights(include_buffers=False):
         model = AUTO_CLASSES[task].from_config(config)
     arch = resolve(model)
@@ -185,7 +186,8 @@ def build_emulated_model(config, plan: LayerPlan, shared: dict, emulator: dict, 
             modules[position] = modules[first_position[index]]
             continue
         first_position[index] = position
-        use_int8_layers(modules[position], blocks[index])
+        for method in COMPRESSIONS.values():
+            method.prepare_block(modules[position], blocks[index])
         for path, tensor in blocks[index].items():
             state[f"{arch.blocks_path}.{position}.{path}"] = tensor
     result = model.load_state_dict(state, strict=False, assign=True)

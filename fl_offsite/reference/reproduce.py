@@ -28,9 +28,10 @@ from ..errors import UserError
 from ..training.evaluate import evaluate
 from ..fileio import atomic_write_bytes, atomic_write_json
 from ..models.loading import load_model, load_processor
-from ..config import SplitConfig
+from ..emulators.pipeline import SplitConfig
 from ..offsite.owner import build_bundle
-from ..training.loop import TrainConfig, train
+from ..training.config import TrainConfig
+from ..training.loop import train
 
 SETTINGS = ("zero_shot", "emulator_zero_shot", "full_ft", "emulator_ft", "plugin",
             "emulator_zero_shot_distilled", "emulator_ft_distilled", "plugin_distilled",
@@ -104,7 +105,7 @@ def _federated(plan: Plan, task: str, bundle: Path, seed: int, partition: str, r
         "data": {"path": task, "block_size": plan.block_size, "max_eval_examples": plan.max_eval,
                  "max_train_examples": plan.max_train},
         "partition": {"name": partition, "by": "group", "alpha": 0.5, "seed": seed},
-        "train": {"lr": plan.lr, "local_epochs": 1, "batch_size": plan.batch_size}})
+        "train": {"lr": plan.lr, "epochs": 1, "batch_size": plan.batch_size}})
     out = run_dir / cfg.name
     if out.exists():  # left by an interrupted seed of a resumed reproduction: start it again
         shutil.rmtree(out)
@@ -113,11 +114,12 @@ def _federated(plan: Plan, task: str, bundle: Path, seed: int, partition: str, r
 
 
 def offsite_finetune(emulated: EmulatedModel, model: str, train_data, test_data, processor,
-                     cfg: TrainConfig) -> tuple[dict, dict]:
+                     cfg: TrainConfig, seed: int = 0) -> tuple[dict, dict]:
     """Train the adapter on the emulator; metrics (emulator fine-tuned, plugged into the full
     model)."""
-    emulated.prepare("blocks", seed=cfg.seed)
-    train(emulated.model, train_data.train_items, cfg, getattr(processor, "pad_token_id", 0) or 0)
+    emulated.prepare("blocks", seed=seed)
+    train(emulated.model, train_data.train_items, cfg, getattr(processor, "pad_token_id", 0) or 0,
+          seed=seed)
     tuned = evaluate(emulated.model, test_data, processor)
     fresh = load_model(model)
     return tuned, evaluate(plug(fresh, resolve(fresh), emulated.adapter()), test_data, processor)
@@ -129,7 +131,7 @@ def run_task(plan: Plan, task: str, seed: int, bundle: Path, distilled: Path, ru
     processor = load_processor(model)
     train_data = data.prepare(task, "train", processor, plan.block_size, plan.max_train)
     test_data = data.prepare(task, "test", processor, plan.block_size, plan.max_eval)
-    cfg = TrainConfig(lr=plan.lr, epochs=plan.epochs, batch_size=plan.batch_size, seed=seed)
+    cfg = TrainConfig(lr=plan.lr, epochs=plan.epochs, batch_size=plan.batch_size)
     pad = getattr(processor, "pad_token_id", 0) or 0
     out = {}
     full = load_model(model)
@@ -137,14 +139,14 @@ def run_task(plan: Plan, task: str, seed: int, bundle: Path, distilled: Path, ru
     emulated = EmulatedModel(bundle)
     out["emulator_zero_shot"] = evaluate(emulated.model, test_data, processor)
     full.requires_grad_(True)
-    train(full, train_data.train_items, cfg, pad)
+    train(full, train_data.train_items, cfg, pad, seed=seed)
     out["full_ft"] = evaluate(full, test_data, processor)
     out["emulator_ft"], out["plugin"] = offsite_finetune(emulated, model, train_data,
-                                                         test_data, processor, cfg)
+                                                         test_data, processor, cfg, seed)
     emulated = EmulatedModel(distilled)
     out["emulator_zero_shot_distilled"] = evaluate(emulated.model, test_data, processor)
     out["emulator_ft_distilled"], out["plugin_distilled"] = offsite_finetune(
-        emulated, model, train_data, test_data, processor, cfg)
+        emulated, model, train_data, test_data, processor, cfg, seed)
     for partition in ("iid", "dirichlet"):
         out[f"federated_{partition}"] = _federated(plan, task, bundle, seed, partition, run_dir)
     return out

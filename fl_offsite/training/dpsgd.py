@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader
 
 from .data import collate
 from ..errors import UserError
-from .loop import TrainConfig
+from .config import TrainConfig
 
 
 class _BatchSize:
@@ -160,7 +160,8 @@ def _steps(model, params, loader, optimizer, batch: _BatchSize, anchors, prox_mu
 
 
 def train_dpsgd(model: nn.Module, items: list[dict], cfg: TrainConfig, noise_multiplier: float,
-                max_grad_norm: float, delta: float, pad_id: int = 0) -> dict:
+                max_grad_norm: float, delta: float, pad_id: int = 0, seed: int = 0,
+                prox_mu: float = 0.0) -> dict:
     """``train``'s counterpart with DP-SGD; adds ``dp`` (noise_multiplier, sample_rate, steps,
     epsilon of this call alone) to the statistics."""
     from accelerate.utils import set_seed
@@ -174,7 +175,7 @@ def train_dpsgd(model: nn.Module, items: list[dict], cfg: TrainConfig, noise_mul
         raise UserError("data: the training split is empty")
     if cfg.grad_accum != 1 or cfg.mixed_precision != "no":
         raise UserError("dp.mode: dpsgd needs train.grad_accum=1 and train.mixed_precision=no")
-    set_seed(cfg.seed)  # dropout; sampling and noise below are not derived from the seed
+    set_seed(seed)  # dropout; sampling and noise below are not derived from the seed
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     steps_per_epoch = math.ceil(len(items) / cfg.batch_size)  # q = 1 / steps_per_epoch
@@ -184,7 +185,7 @@ def train_dpsgd(model: nn.Module, items: list[dict], cfg: TrainConfig, noise_mul
                                             steps=steps_per_epoch)
     loader = DataLoader(items, batch_sampler=sampler, collate_fn=partial(_collate, pad_id=pad_id))
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    anchors = [p.detach().clone() for p in params] if cfg.prox_mu > 0 else None
+    anchors = [p.detach().clone() for p in params] if prox_mu > 0 else None
     batch = _BatchSize()
     owners = _wrap(model, batch)
     hooks = None
@@ -203,7 +204,7 @@ def train_dpsgd(model: nn.Module, items: list[dict], cfg: TrainConfig, noise_mul
                 noise_generator=_secret_generator(device), wrap_model=False)
             sample_rate = 1.0 / len(loader)  # what make_private gave the accountant
             total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(loader)))
-            losses = _steps(model, params, loader, optimizer, batch, anchors, cfg.prox_mu,
+            losses = _steps(model, params, loader, optimizer, batch, anchors, prox_mu,
                             total_steps, device)
     except RuntimeError as exc:
         if "stack expects each tensor to be equal size" not in str(exc):

@@ -8,48 +8,37 @@ and model give the same result.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
-from .data import collate
 from ..errors import UserError
+from .config import TrainConfig
+from .data import collate
 
 
-@dataclass
-class TrainConfig:
-    lr: float = 3e-4
-    epochs: float = 1.0
-    max_steps: int | None = None  # optimizer steps; overrides epochs when set
-    batch_size: int = 8
-    grad_accum: int = 1
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    seed: int = 0
-    mixed_precision: str = "no"  # "no", "fp16", "bf16"
-    prox_mu: float = 0.0  # FedProx: mu/2 * ||w - w_start||^2 on the trainable tensors
+def train(model: torch.nn.Module, items: list[dict], cfg: TrainConfig, pad_id: int = 0,
+          seed: int = 0, prox_mu: float = 0.0) -> dict[str, float]:
+    """Train ``model``'s trainable parameters on ``items``; returns loss / step statistics.
 
-
-def train(model: torch.nn.Module, items: list[dict], cfg: TrainConfig, pad_id: int = 0
-          ) -> dict[str, float]:
-    """Train ``model``'s trainable parameters on ``items``; returns loss / step statistics."""
+    ``seed`` fixes data order and dropout; ``prox_mu`` > 0 adds FedProx's
+    mu/2 * ||w - w_start||^2 on the trainable tensors.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise UserError("tuning: nothing to train (no trainable parameters)")
     if not items:
         raise UserError("data: the training split is empty")
-    set_seed(cfg.seed)
+    set_seed(seed)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision,
                               gradient_accumulation_steps=cfg.grad_accum)
-    generator = torch.Generator().manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(items, batch_size=cfg.batch_size, shuffle=True, generator=generator,
                         collate_fn=lambda b: collate(b, pad_id))
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    anchors = [p.detach().clone() for p in params] if cfg.prox_mu > 0 else None
+    anchors = [p.detach().clone() for p in params] if prox_mu > 0 else None
 
     steps_per_epoch = max(1, math.ceil(len(loader) / cfg.grad_accum))
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
@@ -62,7 +51,7 @@ def train(model: torch.nn.Module, items: list[dict], cfg: TrainConfig, pad_id: i
                 loss = model(**batch).loss
                 task_loss = loss.detach().float().item()
                 if anchors is not None:
-                    loss = loss + 0.5 * cfg.prox_mu * sum(
+                    loss = loss + 0.5 * prox_mu * sum(
                         (p - a).pow(2).sum() for p, a in zip(params, anchors))
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.max_grad_norm:

@@ -13,8 +13,8 @@ def _run(args, extra: dict | None = None) -> None:
     from .. import config as configs
     from ..errors import UserError
     from ..fileio import atomic_write_bytes
-    from .runtime import check_resumable, new_run_dir, preflight, resume_config
-    from .simulation import simulate
+    from ..federation.runtime import check_resumable, new_run_dir, preflight, resume_config
+    from ..federation.simulation import simulate
 
     overrides = dict(configs.parse_override(o) for o in args.set or [])
     overrides.update(extra or {})
@@ -49,7 +49,7 @@ def cmd_offsite(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from .report import render
+    from ..federation.report import render
 
     for path in render(Path(args.run_dir)):
         print(path)

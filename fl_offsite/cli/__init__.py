@@ -1,0 +1,32 @@
+"""``fl-offsite``: the command line. Each command parses arguments and calls the library."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ..errors import UserError
+from . import federated, offsite, reference
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fl-offsite", description="Federated Offsite-Tuning")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for group in (offsite, reference, federated):
+        group.add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    if not getattr(args, "verbose", False):
+        from ..quiet import quiet_libraries
+        quiet_libraries()
+    try:
+        args.func(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

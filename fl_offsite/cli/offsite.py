@@ -1,0 +1,238 @@
+"""``fl-offsite emulator | train | plug | evaluate``: the offsite-tuning round trip by hand."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..emulators import COMPRESSIONS, SELECTIONS
+from ..emulators.pipeline import DistillConfig, SplitConfig
+from ..emulators.similarity import SimilaritySelection
+from ..errors import UserError
+from ..config.sections import DataConfig, TuningConfig
+from ..training.config import TrainConfig
+from .flags import add_fields, field_values
+
+PLAN_FIELDS = ("adapter_bottom", "adapter_top")
+SIZE_FIELDS = ("emulator_layers", "drop_ratio")
+DISTILL_PREFIXED = ("data", "steps", "lr", "batch_size", "max_examples")
+DISTILL_PLAIN = ("block_size", "kd_weight", "lm_weight", "layer_weight")
+LORA_FIELDS = ("lora_r", "lora_alpha", "lora_dropout")
+
+
+def existing(path, flag: str):
+    if not Path(path).exists():
+        raise UserError(f"{flag}: {path} does not exist")
+    return path
+
+
+def split_config(args) -> SplitConfig:
+    """The ``split`` section the emulator flags describe (validated like a run config's)."""
+    from ..config import build_section
+
+    if args.repeat_blocks and args.layer_selection != "similarity":
+        raise UserError("--repeat-blocks: needs --layer-selection similarity")
+    selection = {"name": args.layer_selection}
+    if args.layer_selection == "similarity":
+        selection["repeat_blocks"] = args.repeat_blocks
+    distill = {**field_values(args, DISTILL_PREFIXED, "distill-"),
+               **field_values(args, DISTILL_PLAIN), "seed": args.seed}
+    return build_section("split", {
+        **field_values(args, PLAN_FIELDS + SIZE_FIELDS), "selection": selection,
+        "distill": distill,
+        "compression": {"name": args.compression} if args.compression else None})
+
+
+def train_config(args) -> TrainConfig:
+    from ..config import build_section
+
+    return build_section("train", field_values(args, TrainConfig.model_fields))
+
+
+def cmd_emulator(args) -> None:
+    from ..offsite.owner import build_bundle
+
+    info = build_bundle(args.model, args.out, split_config(args), args.dtype, args.overwrite,
+                        log=lambda line: print(line, file=sys.stderr))
+    plan = info.plan
+    made = info.emulator
+    how = made["layer_selection"] + (" + distilled" if "distill" in made else "") + \
+        (f" + {made['quantize']}" if made.get("quantize") else "")
+    print(f"bundle {args.out}: {plan.notation()} of {plan.depth} blocks ({how}); adapter "
+          f"{list(plan.adapter)}, emulator {list(plan.emulator)}, dropped {list(plan.dropped)}; "
+          f"hash {info.bundle_hash[:12]}")
+    if "distill" in made:
+        before, best = made["distill"]["held_out_before"], made["distill"]["held_out_best"]
+        print(f"distilled: held-out nmse {before['nmse']:.4f} -> {best['nmse']:.4f} "
+              f"(best step {made['distill']['best_step']})")
+
+
+def cmd_train(args) -> None:
+    from ..training import data
+    from ..models.loading import load_model, load_processor
+    from ..training.loop import train
+
+    cfg = train_config(args)
+    if args.tuning == "full":
+        if not args.model:
+            raise UserError("--tuning full: needs --model (full fine-tuning is the baseline "
+                            "on the full model)")
+        from ..offsite.owner import save_model
+
+        model = load_model(args.model, args.dtype)
+        processor = load_processor(args.model)
+        task = data.prepare(args.data, "train", processor, args.block_size, args.max_examples)
+        model.requires_grad_(True)
+        stats = train(model, task.train_items, cfg, getattr(processor, "pad_token_id", 0) or 0,
+                      seed=args.seed)
+        save_model(model, processor, args.out, args.overwrite)
+    else:
+        if not args.bundle:
+            raise UserError(f"--tuning {args.tuning}: needs --bundle BUNDLE_DIR (the data owner "
+                            "trains on the emulator)")
+        from ..offsite.emulated import EmulatedModel
+
+        emulated = EmulatedModel(existing(args.bundle, "--bundle"))
+        processor = load_processor(args.bundle)
+        task = data.prepare(args.data, "train", processor, args.block_size, args.max_examples)
+        lora = None
+        if args.tuning == "lora":
+            from ..offsite.adapter import lora_config
+            lora = lora_config(emulated.arch, args.lora_r, args.lora_alpha, args.lora_dropout)
+        emulated.prepare(args.tuning, lora, args.seed)
+        if args.out.exists() and not args.overwrite:
+            raise UserError(f"--out: {args.out} exists; choose a new path or pass --overwrite")
+        stats = train(emulated.model, task.train_items, cfg,
+                      getattr(processor, "pad_token_id", 0) or 0, seed=args.seed)
+        emulated.adapter().save(args.out)
+    print(json.dumps({"out": str(args.out), **stats}))
+
+
+def cmd_plug(args) -> None:
+    from ..offsite.emulated import load_adapter
+    from ..models.loading import load_processor
+    from ..offsite.owner import plugged_model, save_model
+
+    adapter = load_adapter(existing(args.adapter, "--adapter"))
+    model = plugged_model(args.model, adapter, args.dtype)
+    save_model(model, load_processor(args.model), args.out, args.overwrite)
+    print(f"plugged {adapter.kind} adapter (blocks {list(adapter.indices)}) into {args.model} "
+          f"-> {args.out}")
+
+
+def cmd_evaluate(args) -> None:
+    from ..training import data
+    from ..training.evaluate import evaluate
+    from ..fileio import atomic_write_json
+    from ..models.loading import load_model, load_processor
+
+    if bool(args.model) == bool(args.bundle):
+        raise UserError("evaluate: give exactly one of --model or --bundle")
+    adapter = None
+    if args.adapter:
+        from ..offsite.emulated import load_adapter
+        adapter = load_adapter(existing(args.adapter, "--adapter"))
+    if args.bundle:
+        from ..offsite.emulated import EmulatedModel
+
+        emulated = EmulatedModel(existing(args.bundle, "--bundle"))
+        model, processor = emulated.model, load_processor(args.bundle)
+        if adapter is not None:
+            emulated.prepare(adapter.kind, adapter.lora or None)
+            emulated.set_adapter(adapter)
+    else:
+        from ..offsite.owner import plugged_model
+        processor = load_processor(args.model)
+        model = plugged_model(args.model, adapter, args.dtype) if adapter else \
+            load_model(args.model, args.dtype)
+    if args.lm_eval_tasks:
+        try:
+            from ..training.lm_eval import run_tasks
+        except ImportError:
+            raise UserError("--lm-eval-tasks: lm-eval is not installed; pip install "
+                            "'fl-offsite[lm-eval]'") from None
+        record = {"model": args.model or args.bundle, "adapter": args.adapter,
+                  "lm_eval": run_tasks(model, processor, args.lm_eval_tasks.split(","),
+                                       args.max_examples)}
+        atomic_write_json(args.out, record)
+        print(json.dumps(record))
+        return
+    if not args.data:
+        raise UserError("evaluate: give --data (or --lm-eval-tasks)")
+    task = data.prepare(args.data, args.split, processor, args.block_size, args.max_examples)
+    metrics = evaluate(model, task, processor)
+    record = {"model": args.model or args.bundle, "adapter": args.adapter, "data": args.data,
+              "split": args.split, "task": task.kind, "examples": len(task), **metrics}
+    atomic_write_json(args.out, record)
+    print(json.dumps(record))
+
+
+def add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--data", required=required,
+                   help="local file or directory (train/validation/test .jsonl, .csv, .parquet, "
+                        ".txt) or a hub dataset name[:config]")
+    add_fields(p, DataConfig, ["block_size"])
+    p.add_argument("--max-examples", type=int, default=None)
+
+
+DTYPE = dict(choices=["float32", "float16", "bfloat16"], default="float32")
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("emulator", help="model owner: split a model into adapter + emulator bundle")
+    p.add_argument("--model", required=True, help="hub name, local path or fl-offsite/<zoo model>")
+    p.add_argument("--out", required=True, type=Path, help="bundle directory to create")
+    add_fields(p, SplitConfig, PLAN_FIELDS)
+    add_fields(p.add_mutually_exclusive_group(), SplitConfig, SIZE_FIELDS)
+    p.add_argument("--layer-selection", choices=list(SELECTIONS), default="uniform",
+                   help="which middle blocks to keep: evenly spaced, or the ones that change "
+                        "the representation most on --distill-data")
+    add_fields(p, SimilaritySelection, ["repeat_blocks"])
+    p.add_argument("--compression", choices=list(COMPRESSIONS),
+                   help="compress the emulator blocks (int8: 8-bit weights)")
+    p.add_argument("--dtype", **DTYPE)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("public data (distillation, similarity)")
+    add_fields(g, DistillConfig, DISTILL_PREFIXED, "distill-")
+    add_fields(g, DistillConfig, DISTILL_PLAIN)
+    p.set_defaults(func=cmd_emulator)
+
+    p = sub.add_parser("train", help="data owner: fine-tune the adapter on the emulator")
+    p.add_argument("--bundle", help="bundle directory from `fl-offsite emulator`")
+    p.add_argument("--model", help="full model (only with --tuning full)")
+    add_data_args(p)
+    p.add_argument("--out", required=True, type=Path,
+                   help="adapter .safetensors file (model directory with --tuning full)")
+    p.add_argument("--dtype", **DTYPE)
+    p.add_argument("--overwrite", action="store_true")
+    g = p.add_argument_group("training")
+    g.add_argument("--tuning", choices=["blocks", "lora", "bitfit", "full"], default="blocks",
+                   help="what to train: adapter blocks (default), LoRA or BitFit inside them, "
+                        "or the whole model (baseline; needs --model)")
+    add_fields(g, TrainConfig, TrainConfig.model_fields)
+    g.add_argument("--seed", type=int, default=0)
+    add_fields(g, TuningConfig, LORA_FIELDS)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("plug", help="model owner: plug an adapter into the full model")
+    p.add_argument("--model", required=True)
+    p.add_argument("--adapter", required=True, help="adapter file or bundle directory")
+    p.add_argument("--out", required=True, type=Path, help="model directory to write")
+    p.add_argument("--dtype", **DTYPE)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_plug)
+
+    p = sub.add_parser("evaluate", help="metrics of a full, emulated or plugged-in model")
+    p.add_argument("--model", help="full model (with --adapter: plugged in)")
+    p.add_argument("--bundle", help="emulated model (with --adapter: the adapter on the emulator)")
+    p.add_argument("--adapter", help="adapter file or bundle directory")
+    add_data_args(p, required=False)
+    p.add_argument("--lm-eval-tasks", help="comma-separated lm-eval task names (needs the "
+                                          "lm-eval extra and hub access), instead of --data")
+    p.add_argument("--split", default="test")
+    p.add_argument("--out", type=Path, default=Path("metrics.json"), help="metrics JSON file")
+    p.add_argument("--dtype", **DTYPE)
+    p.set_defaults(func=cmd_evaluate)

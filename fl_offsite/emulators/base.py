@@ -1,0 +1,45 @@
+"""The two kinds of emulator method and what each must provide.
+
+- A **selection** decides which middle blocks the emulator keeps, and where (``LayerPlan``).
+- A **compression** rewrites the kept blocks' tensors before they are shipped (int8, ...) and
+  tells the data owner how to hold them (``prepare_block``).
+
+Distillation (``distill.py``) sits between them: it trains the kept blocks on public text.
+Every method is a pydantic config class tagged by ``name``; its fields are its settings.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Method(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    needs_public_data: ClassVar[bool] = False
+
+    def record(self) -> dict:
+        """What ``offsite.json`` says about how the emulator was made (beyond the name)."""
+        return {}
+
+
+class Selection(Method):
+    def plan(self, model, arch, split, public_items: list[dict] | None, pad_id: int):
+        """(LayerPlan, record) for ``split``'s adapter sizes and kept-block count."""
+        raise NotImplementedError
+
+
+class Compression(Method):
+    bytes_per_weight: ClassVar[float]  # what a compressed linear weight costs in memory
+    trainable: ClassVar[bool] = False  # can the emulator still be distilled afterwards?
+
+    def compress_block(self, block, state: dict) -> dict:
+        """``state`` (one block's tensors, shaped like ``block``) compressed."""
+        raise NotImplementedError
+
+    @classmethod
+    def prepare_block(cls, block, state: dict) -> None:
+        """Make ``block`` able to hold ``state`` if this method compressed it (no-op if not)."""
+        raise NotImplementedError

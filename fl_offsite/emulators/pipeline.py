@@ -1,0 +1,90 @@
+"""The model owner's emulator recipe (``split:`` in a run config) and the routine that
+follows it: choose the kept blocks, distil them on public text, then compress (at write time).
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ..errors import UserError
+from ..offsite.plan import LayerPlan
+from . import Compression, Selection, UniformSelection
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DistillConfig(_Section):
+    """Public data for the emulator: distillation (steps > 0) and similarity-based selection."""
+
+    data: str | None = Field(None, description="public text: local path, fl-offsite/<name> or "
+                             "hub name; never the data owners' data")
+    steps: int = Field(0, ge=0, description="distillation steps (0: no distillation)")
+    lr: float = Field(1e-4, gt=0.0)
+    batch_size: int = Field(8, ge=1)
+    block_size: int = Field(128, ge=8)
+    max_examples: int | None = Field(None, ge=1)
+    kd_weight: float = Field(30.0, ge=0.0, description="weight of the normalised MSE of the "
+                             "middle output")
+    lm_weight: float = Field(1.0, ge=0.0, description="weight of the student's task loss")
+    layer_weight: float = Field(0.0, ge=0.0, description="weight of per-position matching")
+    eval_every: int = Field(50, ge=1, description="held-out check (best step is kept)")
+    seed: int = 0
+
+
+class SplitConfig(_Section):
+    adapter_bottom: int = Field(2, ge=0, description="l: bottom blocks in the adapter")
+    adapter_top: int = Field(2, ge=0, description="r: top blocks in the adapter")
+    emulator_layers: int | None = Field(None, ge=1, description="k: middle blocks kept")
+    drop_ratio: float | None = Field(None, ge=0.0, lt=1.0,
+                                     description="fraction of middle blocks dropped")
+    selection: Selection = UniformSelection()
+    distill: DistillConfig = DistillConfig()
+    compression: Compression | None = None
+
+    @model_validator(mode="after")
+    def _needs_public_data(self):
+        if self.distill.data is None and (self.distill.steps or
+                                          self.selection.needs_public_data):
+            raise ValueError("distill.data is missing: distillation and similarity-based "
+                             "layer selection need public text (--distill-data, or "
+                             "split.distill.data in a config)")
+        return self
+
+
+def public_items(cfg: DistillConfig, processor) -> tuple[list[dict], list[dict]]:
+    """(training items, held-out items) of the public data: its validation split, or else
+    the last tenth of its training items."""
+    from ..training import data
+
+    train = data.prepare(cfg.data, "train", processor, cfg.block_size, cfg.max_examples)
+    try:
+        held_out = data.prepare(cfg.data, "validation", processor, cfg.block_size,
+                                cfg.max_examples).train_items
+        return train.train_items, held_out
+    except UserError:
+        cut = max(1, len(train.train_items) // 10)
+        return train.train_items[:-cut], train.train_items[-cut:]
+
+
+def make_emulator(model, processor, split: SplitConfig, log=None
+                  ) -> tuple[LayerPlan, dict | None, dict]:
+    """The plan, the emulator tensors (None: the model's own blocks) and a record of how
+    they were made. Compression is applied when the bundle is written."""
+    from ..models.families import resolve
+    from .distill import distill, emulated_from_full
+
+    arch = resolve(model)
+    pad_id = getattr(processor, "pad_token_id", 0) or 0
+    public = public_items(split.distill, processor) if split.distill.data else None
+    plan, details = split.selection.plan(model, arch, split, public and public[0], pad_id)
+    record = {"layer_selection": split.selection.name, **details}
+    if not split.distill.steps:
+        return plan, None, record
+    d = split.distill
+    emulator, report = distill(model, emulated_from_full(model, arch, plan), arch, plan,
+                               public[0], public[1], d.steps, d.lr, d.batch_size, d.kd_weight,
+                               d.lm_weight, d.layer_weight, d.eval_every, d.seed, pad_id, log)
+    record["distill"] = {"data": d.data, **report}
+    return plan, emulator, record
