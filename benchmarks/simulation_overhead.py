@@ -35,7 +35,6 @@ def settings(n: int, rounds: int) -> dict:
 
 def sequential_loop(cfg, bundle_dir: Path) -> list[float]:
     """Seconds of client work per round, one process, no Flower."""
-    import torch
 
     from fl_offsite.training import data
     from fl_offsite.offsite.emulated import EmulatedModel

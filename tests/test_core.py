@@ -9,7 +9,6 @@ import torch
 from safetensors.torch import load_file
 
 from fl_offsite.offsite import adapter as adapters
-from fl_offsite.models.families import FAMILIES as TABLE
 from fl_offsite.models.families import resolve
 from fl_offsite.offsite.bundle import split_state, write_bundle
 from fl_offsite.offsite.emulated import EmulatedModel, bundle_adapter

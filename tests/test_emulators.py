@@ -253,3 +253,29 @@ def test_realigned_emulators_reach_data_owners_as_deltas_of_their_cached_bundle(
     assert all(torch.equal(base["shared.safetensors"][k], latest["shared.safetensors"][k])
                for k in base["shared.safetensors"])
     assert rounds[-1]["plugin"]["ppl"] < summary["zero_shot"]["ppl"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("repeat", [False, True])
+def test_hooked_block_states_equal_the_models_hidden_states(family, repeat):
+    """The distillation objective reads block outputs with hooks (and caches the teacher's):
+    it must equal the NMSE computed from the models' own hidden states."""
+    model = tiny_model(family)
+    arch = resolve(model)
+    plan = similarity_plan([0.3, 0.1, 0.2, 0.05], 8, 2, 2, emulator_layers=2, repeat=repeat)
+    student = emulated_from_full(model, arch, plan)
+    items = training_items(model, 6)
+    objective = Objective(plan, kd_weight=1.0, lm_weight=0.0, layer_weight=1.0)
+    got = measure(objective, model, student, items, batch_size=len(items))  # one batch
+    from fl_offsite.training.data import collate
+    batch = collate(items, 0)
+    batch.pop("labels")
+    with torch.no_grad():
+        t_hidden = model(**batch, output_hidden_states=True).hidden_states
+        s_hidden = student(**batch, output_hidden_states=True).hidden_states
+    l, m = len(plan.bottom), len(plan.emulator)
+    ends = [l + sum(plan.spans[:j + 1]) for j in range(m)]
+    direct = [float((s_hidden[l + j + 1] - t_hidden[e]).pow(2).sum() / t_hidden[e].pow(2).sum())
+              for j, e in enumerate(ends)]
+    assert got["nmse"] == pytest.approx(direct[-1], rel=1e-3)  # the teacher cache is bfloat16
+    assert got["layer_nmse"] == pytest.approx(sum(direct) / m, rel=1e-3)

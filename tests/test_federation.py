@@ -120,7 +120,7 @@ def test_run_directory_summary_and_tensorboard(crashing_run):
 
 def test_offsite_mode_over_the_message_transport(tmp_path):
     """Single data owner; the bundle travels inside Flower messages, as in a deployment."""
-    from fl_offsite.federation.cli import OFFSITE_OVERRIDES
+    from fl_offsite.cli.federated import OFFSITE_OVERRIDES
 
     cfg = configs.load(None, {**BASE, **OFFSITE_OVERRIDES, "rounds": 1,
                               "bundle_transport": "message", "tuning": {"kind": "lora"},

@@ -216,3 +216,46 @@ def test_bad_strategy_settings_are_refused(params, field):
         configs.load(None, {"model": "fl-offsite/tiny-opt", "data": {"path": "x"},
                             "num_clients": 5, "clients_per_round": 5,
                             "strategy": params}).strategy.build(5, 5)
+
+
+@pytest.mark.parametrize("name", sorted(strategies.REGISTRY))
+def test_every_registered_strategy_loads_by_name_and_builds(name):
+    cfg = configs.load(None, {"model": "fl-offsite/tiny-opt", "data": {"path": "x"},
+                              "num_clients": 5, "clients_per_round": 5,
+                              "strategy": {"name": name}})
+    assert type(cfg.strategy) is strategies.REGISTRY[name]
+    flower = cfg.strategy.build(5, 5)
+    assert type(flower).__name__ == cfg.strategy.flower_class
+
+
+def test_a_new_strategy_is_one_class_and_one_registry_line():
+    """The README's worked example: a config class plus a registry entry is a strategy."""
+    from typing import Literal
+
+    from pydantic import BaseModel, Field
+
+    from fl_offsite.registry import tagged_union
+    from strategies.base import StrategyConfig
+
+    class ScaledFedAvg(StrategyConfig):
+        name: Literal["scaled_fedavg"] = "scaled_fedavg"
+        server_lr: float = Field(1.5, gt=0.0)
+        flower_class = "FedAvgM"
+
+        def flower_arguments(self) -> dict:
+            return {"server_learning_rate": self.server_lr, "server_momentum": 0.0}
+
+    registry = {**strategies.REGISTRY, "scaled_fedavg": ScaledFedAvg}
+
+    class Section(BaseModel):
+        strategy: tagged_union(registry, default="fedavg")
+
+    strategy = Section.model_validate({"strategy": {"name": "scaled_fedavg",
+                                                    "server_lr": 2.0}}).strategy
+    result, _ = run_round("fedavg", UPLOADS, EXAMPLES, CURRENT, strategy=strategy.build(5, 5))
+    mean = weighted_mean(UPLOADS, EXAMPLES)
+    for k in KEYS:
+        expected = CURRENT[k].double() + 2.0 * (mean[k] - CURRENT[k].double())
+        assert torch.allclose(result[k], expected, atol=1e-5)
+    with pytest.raises(ValueError, match="proximal_mu"):
+        Section.model_validate({"strategy": {"name": "scaled_fedavg", "proximal_mu": 0.1}})

@@ -15,6 +15,8 @@ VERSES = [f"And the {i}th man of the tribe went up to the city of the hills with
 GLOSSES = [f"word{chr(97 + i % 26)}{chr(97 + i // 26 % 26)} ({'noun' if i % 2 else 'verb'}): "
            f"a made up meaning number {i} for testing the builder" for i in range(400)]
 
+DOCS = [f"The function number {i} returns a value computed from its arguments." for i in range(400)]
+
 
 @pytest.fixture
 def small_corpus(tmp_path):
@@ -22,6 +24,7 @@ def small_corpus(tmp_path):
     (tmp_path / "c" / "heldout").mkdir()
     (tmp_path / "c" / "pretrain" / "bible.txt").write_text("\n".join(VERSES))
     (tmp_path / "c" / "pretrain" / "wordnet.txt").write_text("\n".join(GLOSSES))
+    (tmp_path / "c" / "pretrain" / "python-docs.txt").write_text("\n".join(DOCS))
     (tmp_path / "c" / "heldout" / "devil.txt").write_text(
         "\n".join(f"ENTRY{i}, n. A definition long enough to count as an entry, number {i}."
                   for i in range(200)))
@@ -33,7 +36,7 @@ def build(corpus_dir, out):
                     "--out", str(out), "--items", "200"], check=True, capture_output=True)
     return {task: {split: [json.loads(line) for line in (out / task / f"{split}.jsonl").open()]
                    for split in ("train", "validation", "test")}
-            for task in ("devil", "wordnet-define", "bible-cloze")}
+            for task in ("devil", "wordnet-define", "bible-cloze", "public-text")}
 
 
 def test_tasks_are_deterministic_disjoint_and_labelled(small_corpus, tmp_path):
@@ -49,6 +52,11 @@ def test_tasks_are_deterministic_disjoint_and_labelled(small_corpus, tmp_path):
     for row in first["wordnet-define"]["test"]:
         lemma_pos = row["context"].rstrip(":")
         assert f"{lemma_pos}:{row['choices'][row['label']]}" in GLOSSES
+    public = [row for rows in first["public-text"].values() for row in rows]
+    lines = [line for row in public for line in row["text"].split("\n")]
+    assert {row["group"] for row in public} == {"python-docs", "wordnet"}
+    assert set(lines) <= set(DOCS) | set(GLOSSES)  # the Bible and the held-out texts stay out
+    assert all(len(row["text"]) >= 1000 for row in public)
 
 
 @pytest.mark.skipif(not all(p.exists() for p in (corpus.WORDNET, corpus.SWORD, corpus.PYDOCS,

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from fl_offsite.training import data
-from fl_offsite.reference import vision
+from fl_offsite.reference import digits as digit_images
+from fl_offsite.reference import vision, vit
 from fl_offsite.offsite.adapter import plug
 from fl_offsite.models.families import resolve
 from fl_offsite.offsite.emulated import EmulatedModel
@@ -62,13 +63,13 @@ def test_the_documented_command_rebuilds_the_shipped_data(tmp_path):
 
 
 def test_pretraining_feeds_what_the_processor_makes_and_is_seeded(tmp_path):
-    images, labels = vision.render(20, seed=5)
-    again, _ = vision.render(20, seed=5)
+    images, labels = digit_images.render(20, seed=5)
+    again, _ = digit_images.render(20, seed=5)
     assert np.array_equal(images, again) and sorted(labels) == sorted(np.arange(20) % 10)
-    assert torch.equal(vision.pixel_values(images),
-                       vision.processor_pixel_values(images, load_processor("fl-offsite/ref-vit")))
-    cfg = vision.VitConfig(steps=4, batch=8, warmup=2, eval_every=2, held_out=20)
-    cards = [vision.pretrain(tmp_path / name, cfg) for name in ("a", "b")]
+    assert torch.equal(digit_images.pixel_values(images),
+                       digit_images.processor_pixel_values(images, load_processor("fl-offsite/ref-vit")))
+    cfg = vit.VitConfig(steps=4, batch=8, warmup=2, eval_every=2, held_out=20)
+    cards = [vit.pretrain(tmp_path / name, cfg) for name in ("a", "b")]
     curves = [[(h["step"], h["loss"], h["held_out_acc"]) for h in c["history"]] for c in cards]
     assert curves[0] == curves[1] and len(curves[0]) == 2
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == \

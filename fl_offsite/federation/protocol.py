@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
+from ..errors import UserError
 from ..offsite.adapter import Adapter
 from ..fileio import tensor_bytes
 
@@ -76,6 +77,31 @@ def bundle_content(bundle_dir: Path, bundle_hash: str, transport: str) -> Record
     return RecordDict({"bundle": meta, "files": files, "arrays": ArrayRecord(tensors)})
 
 
+def checked_hash(value) -> str:
+    """A bundle hash from the model owner; it names a cache directory, so only hex passes."""
+    text = str(value)
+    if not 16 <= len(text) <= 128 or any(c not in "0123456789abcdef" for c in text):
+        raise UserError(f"bundle: refusing bundle hash {text[:40]!r} from the model owner (not "
+                        "a hex digest)")
+    return text
+
+
+def file_name(key: str) -> str:
+    """The bundle file a ``file:NAME`` key names, refused unless it is a plain file name in the
+    bundle directory (a hostile model owner must not write outside the data owner's cache)."""
+    name = key.removeprefix("file:")
+    if not key.startswith("file:") or not name or name in {".", ".."} or "/" in name or \
+            "\\" in name or "\0" in name or name.startswith(".") or name in TENSOR_FILES:
+        raise UserError(f"bundle: refusing file name {name!r} from the model owner (only plain "
+                        "file names inside the bundle directory are accepted)")
+    return name
+
+
+def _write_files(content: RecordDict, tmp: Path) -> None:
+    for key, data in content["files"].items():
+        (tmp / file_name(key)).write_bytes(data)
+
+
 def write_bundle_content(content: RecordDict, target: Path) -> None:
     """Recreate a bundle directory from a ``message``-transport payload."""
     from ..fileio import atomic_dir, save_tensors
@@ -83,12 +109,16 @@ def write_bundle_content(content: RecordDict, target: Path) -> None:
     per_file: dict[str, dict[str, torch.Tensor]] = {n: {} for n in TENSOR_FILES}
     for key, tensor in record_tensors(content["arrays"]).items():
         name, _, tensor_key = key.partition("/")
+        if name not in per_file:
+            raise UserError(f"bundle: tensor {key!r} names no bundle file "
+                            f"({', '.join(TENSOR_FILES)})")
         per_file[name][tensor_key] = tensor
+    for key in content["files"]:
+        file_name(key)  # all checked before anything is written
     with atomic_dir(target, overwrite=True) as tmp:
         for name, tensors in per_file.items():
             save_tensors(tmp / name, tensors)
-        for key, data in content["files"].items():
-            (tmp / key.removeprefix("file:")).write_bytes(data)
+        _write_files(content, tmp)
 
 
 DELTA_FILES = ("emulator.safetensors",)
@@ -119,13 +149,14 @@ def apply_bundle_delta(content: RecordDict, base_dir: Path, target: Path) -> Non
     from ..fileio import atomic_dir, save_tensors
 
     emulator = {key.partition("/")[2]: t for key, t in record_tensors(content["arrays"]).items()}
+    for key in content["files"]:
+        file_name(key)  # all checked before anything is written
     with atomic_dir(target, overwrite=True) as tmp:
         for name in TENSOR_FILES:
             if name not in DELTA_FILES:
                 shutil.copy2(base_dir / name, tmp / name)
         save_tensors(tmp / "emulator.safetensors", emulator)
-        for key, data in content["files"].items():
-            (tmp / key.removeprefix("file:")).write_bytes(data)
+        _write_files(content, tmp)
 
 
 def task_config(bundle_hash: str, task: dict) -> ConfigRecord:

@@ -9,7 +9,6 @@ symlink to it, because its socket paths must stay under 108 characters).
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import tempfile
 from pathlib import Path
@@ -81,8 +80,12 @@ def simulate(cfg: Config, run_dir: Path, verbose: bool = False, resume: bool = F
         quiet_libraries()
     # the data owners' memory check shares this machine's memory among those running at once
     parallel = {} if cfg.ray_address else {PARALLEL_ENV: str(parallel_clients(cfg))}
+    from ..models.gguf import MODEL_CACHE_ENV, cache_dir
+
+    # the run's caches stay in the run; converted and fetched models stay where the user has them
     with _short_link(run_dir / "ray") as ray_tmp, _environment(
             HF_DATASETS_CACHE=str(cache / "datasets"), FL_OFFSITE_CACHE=str(cache),
+            **{MODEL_CACHE_ENV: str(cache_dir())},
             FLWR_HOME=str(cache / "flwr"), RAY_DEDUP_LOGS="0", TOKENIZERS_PARALLELISM="false",
             RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0", **parallel):
         init_args = {"include_dashboard": False, "logging_level": "ERROR",

@@ -15,6 +15,7 @@ from transformers import (AutoConfig, AutoImageProcessor, AutoModelForCausalLM,
 
 from .families import FAMILIES
 from ..errors import UserError
+from .fetch import FETCHABLE, resolve_model_source
 
 ZOO_DIR = Path(__file__).parents[1] / "zoo"
 ZOO_PREFIX = "fl-offsite/"
@@ -28,12 +29,15 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """Zoo name -> packaged directory; existing path -> itself; anything else -> hub id."""
+    """Zoo name -> packaged (or fetched) directory; ``.gguf`` file -> its converted directory;
+    existing path -> itself; anything else -> hub id."""
+    name_or_path = resolve_model_source(name_or_path)
     if name_or_path.startswith(ZOO_PREFIX):
         local = ZOO_DIR / name_or_path[len(ZOO_PREFIX):]
         if local.is_dir():
             return str(local)
-        shipped = ", ".join(sorted(ZOO_PREFIX + p.name for p in ZOO_DIR.iterdir() if p.is_dir()))
+        shipped = ", ".join(sorted([ZOO_PREFIX + p.name for p in ZOO_DIR.iterdir() if p.is_dir()]
+                                   + [f"{ZOO_PREFIX}{name} (fetch-model)" for name in FETCHABLE]))
         raise UserError(f"--model: no zoo model {name_or_path!r}; shipped: {shipped}")
     return name_or_path
 

@@ -51,6 +51,7 @@ class Plan:
     adapter_bottom: int = 2
     adapter_top: int = 2
     emulator_layers: int = 4
+    selection: str = "uniform"
     epochs: int = 3
     lr: float = 1e-3
     batch_size: int = 8
@@ -61,13 +62,31 @@ class Plan:
     # the model owner's public data for distillation, per model ("*": any other model)
     public_data: dict[str, str] = field(default_factory=lambda: {
         "*": "fl-offsite/pydoc", "fl-offsite/ref-vit": "fl-offsite/rendered-digits"})
+    # distillation of the `*_distilled` columns; `recipe_distill_steps` > 0 distils the main
+    # columns' emulator too (the recommended recipe of a model that needs it)
     distill_steps: int = 200
+    recipe_distill_steps: int = 0
+    distill_lr: float = 1e-4
+    kd_weight: float = 30.0
+    lm_weight: float = 1.0
+    distill_max_examples: int | None = None
+
+    @classmethod
+    def for_model(cls, model: str | None = None, quick: bool = False) -> "Plan":
+        """The plan for ``model``'s recommended recipe (``RECIPES``), or its quick version."""
+        model = model or cls.model
+        plan = cls(model=model, **RECIPES.get(model, {}))
+        if quick:
+            plan.tasks = [t for t in plan.tasks if t != "fl-offsite/bible-cloze"][:3]
+            plan.seeds, plan.epochs, plan.max_train, plan.max_eval = [0], 1, 160, 40
+            plan.block_size, plan.clients = 64, 2
+            plan.distill_steps = min(plan.distill_steps, 10)
+            plan.recipe_distill_steps = min(plan.recipe_distill_steps, 10)
+        return plan
 
     @classmethod
     def quick(cls) -> "Plan":
-        return cls(tasks=["fl-offsite/devil", "fl-offsite/wordnet-define", "fl-offsite/digits"],
-                   seeds=[0], epochs=1, max_train=160, max_eval=40, block_size=64, clients=2,
-                   distill_steps=10)
+        return cls.for_model(quick=True)
 
     def model_for(self, task: str) -> str:
         return self.models.get(task, self.model)
@@ -80,11 +99,24 @@ class Plan:
         return out
 
     def split(self, model: str, distill: bool) -> SplitConfig:
+        """The main columns' emulator (``distill`` False) or the ``*_distilled`` ones'."""
         public = self.public_data.get(model, self.public_data["*"])
-        return SplitConfig(adapter_bottom=self.adapter_bottom, adapter_top=self.adapter_top,
-                           emulator_layers=self.emulator_layers,
-                           distill={"data": public if distill else None,
-                                    "steps": self.distill_steps if distill else 0})
+        steps = self.distill_steps if distill else self.recipe_distill_steps
+        own = model == self.model  # the recipe is the text model's; other models keep defaults
+        selection = self.selection if own else "uniform"
+        return SplitConfig.model_validate({
+            "adapter_bottom": self.adapter_bottom, "adapter_top": self.adapter_top,
+            "emulator_layers": self.emulator_layers, "selection": {"name": selection},
+            "distill": {"data": public if steps or selection != "uniform" else None,
+                        "steps": steps, "lr": self.distill_lr if own else 1e-4,
+                        "kd_weight": self.kd_weight if own else 30.0,
+                        "lm_weight": self.lm_weight if own else 1.0,
+                        "max_examples": self.distill_max_examples if own else None}})
+
+
+# Each model's recommended recipe where it differs from the defaults above (which are
+# ref-opt's); `fl-offsite reproduce --model NAME` uses it. How each was found: README.
+RECIPES: dict[str, dict] = {}
 
 
 def bundle_dirs(run_dir: Path, model: str) -> tuple[Path, Path]:

@@ -9,7 +9,11 @@ train / validation / test splits disjoint by construction (split by a hash of th
   glosses of other words of the same part of speech: it needs what pretraining stored about
   each word (the glosses are pretraining text), not surface features an adapter can learn;
 - ``bible-cloze``: multiple choice, the first half of a verse of the World English Bible
-  followed by its true second half or the second halves of three other verses.
+  followed by its true second half or the second halves of three other verses;
+- ``public-text``: the model owner's public text for distilling a real model's emulator:
+  passages of about 1,000 characters of consecutive lines of the Python docs and WordNet
+  glosses (the Devil's Dictionary, the Jargon File and the Bible held out, so ``devil`` and
+  ``bible-cloze`` stay unseen by the model owner).
 
 Every row has a ``group`` column (first letter, part of speech, first word of the verse) for
 non-IID partitioning (``partition.by: group``). Seeded and deterministic. The image task
@@ -88,11 +92,34 @@ def cloze_rows(corpus: Path, n: int, rng: random.Random) -> list[tuple[str, dict
     return rows
 
 
+def public_rows(corpus: Path, per_source: int, rng: random.Random,
+                sources: tuple[str, ...] = ("python-docs", "wordnet"), chars: int = 1000
+                ) -> list[tuple[str, dict]]:
+    """``per_source`` passages of consecutive lines (about ``chars`` characters) from each
+    source file of the pretraining corpus, in a seeded random order."""
+    rows = []
+    for source in sources:
+        lines = [line for line in (corpus / "pretrain" / f"{source}.txt").read_text()
+                 .splitlines() if line.strip()]
+        passages, current = [], []
+        for line in lines:
+            current.append(line)
+            if sum(len(x) + 1 for x in current) >= chars:
+                passages.append("\n".join(current))
+                current = []
+        rows += [(text, {"text": text, "group": source}) for text in
+                 rng.sample(passages, min(per_source, len(passages)))]
+    rng.shuffle(rows)
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--corpus", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--items", type=int, default=3000, help="items per multiple-choice task")
+    p.add_argument("--public-passages", type=int, default=2000,
+                   help="public-text passages per source")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     rng = random.Random(args.seed)
@@ -107,6 +134,14 @@ def main() -> None:
         "bible-cloze": write_task(args.out, "bible-cloze", cloze_rows(args.corpus, args.items, rng),
                                   "Complete a verse of the World English Bible (public "
                                   "domain) among four second halves."),
+        "public-text": write_task(args.out, "public-text",
+                                  public_rows(args.corpus, args.public_passages,
+                                              random.Random(f"{args.seed}-public-text")),
+                                  "The model owner's public text (distillation of a real model's "
+                                  "emulator): passages of ~1,000 characters of the Python 3.11 "
+                                  "docs (PSF licence) and WordNet 3.0 glosses (WordNet licence); "
+                                  "`group` names the source. The Devil's Dictionary, the Jargon "
+                                  "File and the Bible are held out."),
     }
     for name, counts in made.items():
         print(name, counts)

@@ -1,0 +1,54 @@
+"""Getting the bundle (and re-aligned emulators) to the data owners, once each."""
+
+from __future__ import annotations
+
+from flwr.app import Message, RecordDict
+from flwr.serverapp import Grid
+
+from . import protocol
+
+
+class BundleShipper:
+    """Sends the bundle to each data owner once, and after a re-alignment only the new
+    emulator (a delta of the version the data owner has); remembers who has which version."""
+
+    def __init__(self, owner, transport: str, timeout: float):
+        self.owner = owner
+        self.transport = transport
+        self.timeout = timeout
+        self.delivered: dict[int, str] = {}  # node id -> bundle hash it holds
+        self.size = protocol.bundle_size(owner.bundle_dir)
+        self._content: dict[tuple, RecordDict] = {}
+
+    def ship(self, grid: Grid, node_ids: set[int]) -> tuple[set[int], int, int, int]:
+        """Bring those of ``node_ids`` that lack the current version up to date; returns
+        (failed nodes, full bundles sent, deltas sent, bytes sent)."""
+        current = self.owner.info.bundle_hash
+        missing = sorted(n for n in node_ids if self.delivered.get(n) != current)
+        if not missing:
+            return set(), 0, 0, 0
+        messages, full, deltas, sent = [], 0, 0, 0
+        for n in missing:
+            base = self.delivered.get(n)
+            messages.append(Message(self._payload(base), dst_node_id=n,
+                                    message_type=f"query.{protocol.BUNDLE_ACTION}"))
+            size = int(messages[-1].content["bundle"]["bytes"])
+            full, deltas, sent = full + (base is None), deltas + (base is not None), sent + size
+        replies = grid.send_and_receive(messages, timeout=self.timeout)
+        ok = {r.metadata.src_node_id for r in replies if not r.has_error()}
+        self.delivered.update({n: current for n in ok})
+        return set(missing) - ok, full, deltas, sent
+
+    def _payload(self, base: str | None) -> RecordDict:
+        info = self.owner.info
+        key = (info.bundle_hash, base)
+        if key not in self._content:
+            self._content[key] = protocol.bundle_content(
+                self.owner.bundle_dir, info.bundle_hash, self.transport) if base is None else \
+                protocol.bundle_delta_content(self.owner.bundle_dir, info.bundle_hash, base)
+        return self._content[key]
+
+    def forget(self, node_id: int) -> None:
+        self.delivered.pop(node_id, None)
+
+
