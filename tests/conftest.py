@@ -14,6 +14,7 @@ torch.set_num_threads(1)
 VOCAB = 97
 SMALL = dict(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=8, intermediate_size=32,
              num_attention_heads=2)
+TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 CONFIGS = {
     "opt": lambda: T.OPTConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=8, ffn_dim=32,
@@ -27,6 +28,21 @@ CONFIGS = {
     "mistral": lambda: T.MistralConfig(num_key_value_heads=1, **SMALL),
     "qwen2": lambda: T.Qwen2Config(num_key_value_heads=1, **SMALL),
     "gpt_neox": lambda: T.GPTNeoXConfig(**SMALL),
+    # no table entry: read off the model by fl_offsite.models.detect
+    "qwen3": lambda: T.Qwen3Config(num_key_value_heads=1, head_dim=8, **SMALL, **TOKENS),
+    "phi3": lambda: T.Phi3Config(num_key_value_heads=1, **SMALL, **TOKENS),  # fused qkv
+    "gemma2": lambda: T.Gemma2Config(num_key_value_heads=1, head_dim=8, sliding_window=4,
+                                     **SMALL, **TOKENS),  # soft-capping, sliding window
+    "gemma3_text": lambda: T.Gemma3TextConfig(num_key_value_heads=1, head_dim=8,
+                                              sliding_window=4, **SMALL, **TOKENS),
+    "falcon": lambda: T.FalconConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=8,
+                                     num_attention_heads=2, **TOKENS),
+    "gptj": lambda: T.GPTJConfig(vocab_size=VOCAB, n_embd=16, n_layer=8, n_head=2, rotary_dim=4,
+                                 n_positions=64, **TOKENS),
+    "olmo2": lambda: T.Olmo2Config(num_key_value_heads=1, **SMALL, **TOKENS),
+    "stablelm": lambda: T.StableLmConfig(num_key_value_heads=1, **SMALL, **TOKENS),  # partial rotary
+    "mixtral": lambda: T.MixtralConfig(num_key_value_heads=1, num_local_experts=4,
+                                       num_experts_per_tok=2, **SMALL, **TOKENS),  # MoE
     "vit": lambda: T.ViTConfig(hidden_size=16, num_hidden_layers=8, intermediate_size=32,
                                num_attention_heads=2, image_size=16, patch_size=4, num_labels=3),
 }

@@ -70,14 +70,15 @@ def test_table_locates_every_part(family):
         assert any(name.startswith(p + ".") for p in named), name
 
 
-def test_unknown_architecture_names_the_paths_it_looked_for():
+def test_an_architecture_without_blocks_says_what_is_missing():
     class Odd(torch.nn.Module):
         config = type("C", (), {"model_type": "odd"})()
 
     with pytest.raises(UserError) as err:
         resolve(Odd())
     msg = str(err.value)
-    assert "'odd'" in msg and "model.decoder.layers" in msg and "register_family" in msg
+    assert "'odd'" in msg and "no ModuleList of length num_hidden_layers" in msg and \
+        "register_family" in msg and "\n" not in msg
 
 
 # --- bundle -----------------------------------------------------------------------------------
@@ -87,7 +88,11 @@ def test_emulator_keeping_every_middle_block_reproduces_the_full_model(family, t
     write_bundle(model, make_plan(8, 2, 2, 4), tmp_path / "b", "tiny")
     emulated = EmulatedModel(tmp_path / "b")
     inputs = model_inputs(model)
-    assert torch.equal(logits(emulated.model, inputs), logits(model, inputs))
+    if family == "mixtral":  # grouped expert matmuls round differently per tensor layout
+        torch.testing.assert_close(logits(emulated.model, inputs), logits(model, inputs),
+                                   rtol=0, atol=1e-6)
+    else:
+        assert torch.equal(logits(emulated.model, inputs), logits(model, inputs))
 
 
 def test_no_tensor_of_a_dropped_block_is_in_the_bundle(family, tmp_path):

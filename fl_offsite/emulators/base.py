@@ -39,6 +39,13 @@ class Compression(Method):
         """``state`` (one block's tensors, shaped like ``block``) compressed."""
         raise NotImplementedError
 
+    @staticmethod
+    def left_uncompressed(state: dict) -> list[str]:
+        """Weight matrices (2-D or more) of a compressed block state still in floating point:
+        what the bundle's record must say the method did not cover (e.g. MoE experts)."""
+        return sorted(k for k, v in state.items() if v.dim() >= 2 and v.is_floating_point()
+                      and not k.endswith("_scale"))
+
     @classmethod
     def prepare_block(cls, block, state: dict) -> None:
         """Make ``block`` able to hold ``state`` if this method compressed it (no-op if not)."""

@@ -211,6 +211,20 @@ def train_round(grid, messages: list[Message], current, server_round: int, cfg) 
                            quantization_range=sec.quantization_range, modulus_range=MODULUS,
                            timeout=cfg.round_timeout)(observed, context)
 
+    replies, clipped = _training_replies(observed)
+    info = {"uploads": len(strategy.examples), "clipped": clipped,
+            "seconds_stages": observed.seconds}
+    aggregate = _unmasked_aggregate(strategy, record, keys, sec, server_round, info)
+    if clipped:
+        print(f"round {server_round}: secure aggregation clipped {clipped} update coordinates "
+              "beyond secagg.clipping_range * secagg.max_weight / num-examples; raise "
+              "secagg.clipping_range", flush=True)
+    return SecureRound(replies, aggregate, observed.bytes_down, observed.bytes_up, info)
+
+
+def _training_replies(observed) -> tuple[list[Message], int]:
+    """The data owners' replies with their plain metrics (as the round loop reads them), and
+    how many update coordinates they clipped."""
     replies, clipped = [], 0
     for reply in observed.trained:
         if not reply.has_error():
@@ -219,8 +233,13 @@ def train_round(grid, messages: list[Message], current, server_round: int, cfg) 
             reply.content = RecordDict({"metrics": MetricRecord(
                 {k: v for k, v in metrics.items() if isinstance(v, (int, float))})})
         replies.append(reply)
-    info = {"uploads": len(strategy.examples), "clipped": clipped,
-            "seconds_stages": observed.seconds}
+    return replies, clipped
+
+
+def _unmasked_aggregate(strategy, record, keys, sec, server_round: int, info: dict
+                        ) -> list[Message]:
+    """The global adapter plus the unmasked mean update, as one message for the strategy
+    (none if the protocol halted or overflowed; ``info`` says which)."""
     aggregate = []
     q_total = sum(round(n / sec.max_weight * sec.quantization_range) for n in strategy.examples)
     if strategy.mean is None:
@@ -240,8 +259,4 @@ def train_round(grid, messages: list[Message], current, server_round: int, cfg) 
         content = RecordDict({"arrays": arrays, "metrics": MetricRecord(
             {"num-examples": int(sum(strategy.examples))})})
         aggregate = [Message(content, dst_node_id=0, message_type="train")]
-    if clipped:
-        print(f"round {server_round}: secure aggregation clipped {clipped} update coordinates "
-              "beyond secagg.clipping_range * secagg.max_weight / num-examples; raise "
-              "secagg.clipping_range", flush=True)
-    return SecureRound(replies, aggregate, observed.bytes_down, observed.bytes_up, info)
+    return aggregate

@@ -1,12 +1,14 @@
-"""The one table of supported model families.
+"""The table of model families whose parts need saying (anything else is read off the
+model's structure by ``detect.py``).
 
 Each family says where its transformer blocks, embeddings, final norm and head live, as
 attribute paths into the Hugging Face model. Several candidate paths are allowed per role
 because transformers moves things between major versions (e.g. ViT's blocks moved from
 ``vit.encoder.layer`` to ``vit.layers``). Families are matched by ``config.model_type``.
 
-To support a new family, call :func:`register_family` (or add a row to ``FAMILIES``);
-nothing else in the code base branches on the model type.
+A row overrides detection (e.g. LoRA targets narrower than every linear layer) and documents
+the families the tests cover; :func:`register_family` adds one. Nothing else in the code base
+branches on the model type.
 """
 
 from __future__ import annotations
@@ -118,16 +120,10 @@ class Arch:
 
 def resolve(model: torch.nn.Module) -> Arch:
     """Find the family of ``model`` and the attribute paths of its parts."""
+    from .detect import detect_family
+
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    family = FAMILIES.get(model_type)
-    if family is None:
-        looked = sorted({p for f in FAMILIES.values() for p in f.blocks})
-        raise UserError(
-            f"model: unsupported architecture {model_type!r} ({type(model).__name__}); "
-            f"looked for transformer blocks at {', '.join(looked)}; supported model types: "
-            f"{', '.join(sorted(FAMILIES))}; register a new one with "
-            "fl_offsite.models.families.register_family(model_type, Family(...))"
-        )
+    family = FAMILIES.get(model_type) or detect_family(model)
     blocks = [p for p in family.blocks if isinstance(_get(model, p), torch.nn.ModuleList)]
     if not blocks:
         raise UserError(

@@ -132,10 +132,14 @@ def write_bundle(model: torch.nn.Module, plan: LayerPlan, out_dir: str | Path,
                         f"{len(arch.blocks(model))}")
     shared, blocks = split_state(model, arch)
     emulator = emulator or keyed(blocks, plan.emulator)
+    record = dict(record or {})
     if compression is not None:
         by_block = unkeyed(emulator)
-        emulator = keyed({i: compression.compress_block(arch.blocks(model)[i], by_block[i])
-                          for i in by_block}, by_block)
+        compressed = {i: compression.compress_block(arch.blocks(model)[i], by_block[i])
+                      for i in by_block}
+        record["uncompressed"] = sorted({name for state in compressed.values()
+                                         for name in compression.left_uncompressed(state)})
+        emulator = keyed(compressed, by_block)
     adapter = keyed(blocks, plan.adapter)
     cfg = emulated_config(model.config, plan)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
@@ -154,7 +158,7 @@ def write_bundle(model: torch.nn.Module, plan: LayerPlan, out_dir: str | Path,
             "task": arch.task,
             "plan": plan.to_dict(),
             "notation": plan.notation(),
-            "emulator": {"layer_selection": "uniform", **(record or {}),
+            "emulator": {"layer_selection": "uniform", **record,
                          "quantize": compression.name if compression else None},
             "bundle_hash": frozen_hash(config_json, plan, emulator, shared),
             "source_hash": tensors_hash(shared),

@@ -109,6 +109,29 @@ def validation_loss(model, val: np.ndarray, context: int, max_blocks: int = 200)
     return total / n
 
 
+def _checkpoint(ckpt: Path, cfg, model, opt, sched, gen, step: int, best: float,
+                history: list) -> None:
+    """Everything ``--resume`` needs, written atomically."""
+    tmp = ckpt.with_suffix(".tmp")
+    torch.save({"config": asdict(cfg), "model": model.state_dict(),
+                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "generator": gen.get_state(), "step": step, "best": best,
+                "history": history}, tmp)
+    tmp.replace(ckpt)
+
+
+def _restore(ckpt: Path, cfg, model, opt, sched, gen) -> tuple[int, float, list]:
+    """Load a checkpoint made with the same settings; (step, best loss, history)."""
+    state = torch.load(ckpt, weights_only=False)
+    if state["config"] != asdict(cfg):
+        raise UserError(f"--resume: {ckpt} was made with other settings {state['config']}")
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    gen.set_state(state["generator"])
+    return state["step"], state["best"], state["history"]
+
+
 def pretrain(data_dir: Path, out: Path, cfg: PretrainConfig, resume: bool = False,
              command: str = "", stop_at: int | None = None) -> dict | None:
     """Train to ``cfg.tokens`` and write ``out``; with ``stop_at``, checkpoint after that step
@@ -130,14 +153,7 @@ def pretrain(data_dir: Path, out: Path, cfg: PretrainConfig, resume: bool = Fals
     step, best, history = 0, float("inf"), []
     ckpt = work / "checkpoint.pt"
     if resume and ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
-        if state["config"] != asdict(cfg):
-            raise UserError(f"--resume: {ckpt} was made with other settings {state['config']}")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        gen.set_state(state["generator"])
-        step, best, history = state["step"], state["best"], state["history"]
+        step, best, history = _restore(ckpt, cfg, model, opt, sched, gen)
     starts_max = len(train) - cfg.context - 1
     model.train()
     bar = tqdm(total=steps, initial=step, desc="pretrain", unit="step", file=sys.stdout,
@@ -164,12 +180,7 @@ def pretrain(data_dir: Path, out: Path, cfg: PretrainConfig, resume: bool = Fals
                             "seconds": time.time() - started})
             bar.write(f"step {step}: validation perplexity {math.exp(val_loss):.1f}")
         if step % cfg.checkpoint_every == 0 or step == steps or step == stop_at:
-            tmp = ckpt.with_suffix(".tmp")
-            torch.save({"config": asdict(cfg), "model": model.state_dict(),
-                        "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                        "generator": gen.get_state(), "step": step, "best": best,
-                        "history": history}, tmp)
-            tmp.replace(ckpt)
+            _checkpoint(ckpt, cfg, model, opt, sched, gen, step, best, history)
         if stop_at is not None and step >= stop_at and step < steps:
             bar.close()
             return None

@@ -159,6 +159,32 @@ def _steps(model, params, loader, optimizer, batch: _BatchSize, anchors, prox_mu
     return losses
 
 
+def _poisson_loader(items: list[dict], batch_size: int, pad_id: int) -> DataLoader:
+    """Each example joins each batch with probability 1 / steps per epoch, drawn from a
+    secret generator (the RDP accountant's sampling assumption)."""
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+    steps_per_epoch = math.ceil(len(items) / batch_size)
+    sampler = UniformWithReplacementSampler(num_samples=len(items),
+                                            sample_rate=1.0 / steps_per_epoch,
+                                            generator=_secret_generator(torch.device("cpu")),
+                                            steps=steps_per_epoch)
+    return DataLoader(items, batch_sampler=sampler, collate_fn=partial(_collate, pad_id=pad_id))
+
+
+def _leave_clean(model, params, hooks, owners) -> None:
+    """Opacus' hooks and per-example gradients off the model, as plain training leaves it."""
+    if hooks is not None:
+        hooks.cleanup()
+    _unwrap(owners)
+    for p in params:
+        p.grad = None
+        for attr in ("grad_sample", "summed_grad"):
+            if hasattr(p, attr):
+                delattr(p, attr)
+    model.eval()
+
+
 def train_dpsgd(model: nn.Module, items: list[dict], cfg: TrainConfig, noise_multiplier: float,
                 max_grad_norm: float, delta: float, pad_id: int = 0, seed: int = 0,
                 prox_mu: float = 0.0) -> dict:
@@ -166,7 +192,6 @@ def train_dpsgd(model: nn.Module, items: list[dict], cfg: TrainConfig, noise_mul
     epsilon of this call alone) to the statistics."""
     from accelerate.utils import set_seed
     from opacus import PrivacyEngine
-    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -178,12 +203,7 @@ def train_dpsgd(model: nn.Module, items: list[dict], cfg: TrainConfig, noise_mul
     set_seed(seed)  # dropout; sampling and noise below are not derived from the seed
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
-    steps_per_epoch = math.ceil(len(items) / cfg.batch_size)  # q = 1 / steps_per_epoch
-    sampler = UniformWithReplacementSampler(num_samples=len(items),
-                                            sample_rate=1.0 / steps_per_epoch,
-                                            generator=_secret_generator(torch.device("cpu")),
-                                            steps=steps_per_epoch)
-    loader = DataLoader(items, batch_sampler=sampler, collate_fn=partial(_collate, pad_id=pad_id))
+    loader = _poisson_loader(items, cfg.batch_size, pad_id)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     anchors = [p.detach().clone() for p in params] if prox_mu > 0 else None
     batch = _BatchSize()
@@ -212,15 +232,7 @@ def train_dpsgd(model: nn.Module, items: list[dict], cfg: TrainConfig, noise_mul
         raise UserError("dp.mode: dpsgd cannot compute per-example gradients for this model "
                         "(a layer hides the batch dimension); use dp.mode=update") from None
     finally:
-        if hooks is not None:
-            hooks.cleanup()
-        _unwrap(owners)
-        for p in params:
-            p.grad = None
-            for attr in ("grad_sample", "summed_grad"):
-                if hasattr(p, attr):
-                    delattr(p, attr)
-        model.eval()
+        _leave_clean(model, params, hooks, owners)
     if not all(math.isfinite(x) for x in losses):
         raise UserError("training: the loss became NaN/Inf; lower lr")
     history = [(noise_multiplier, sample_rate, total_steps)]
