@@ -29,6 +29,22 @@ def existing(path, flag: str):
     return path
 
 
+def family(args) -> dict | None:
+    """``--family``: a Family as JSON, inline or in a file."""
+    if not getattr(args, "family", None):
+        return None
+    text = Path(args.family).read_text() if Path(args.family).is_file() else args.family
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"--family: not JSON ({exc.msg}); give e.g. '{{\"blocks\": "
+                        f"[\"model.layers\"], ...}}' or a .json file") from None
+    if not isinstance(value, dict):
+        raise UserError("--family: give a JSON object (blocks, embeddings, final_norm, head, "
+                        "lora_targets)")
+    return value
+
+
 def split_config(args) -> SplitConfig:
     """The ``split`` section the emulator flags describe (validated like a run config's)."""
     from ..config import build_section
@@ -56,7 +72,7 @@ def cmd_emulator(args) -> None:
     from ..offsite.owner import build_bundle
 
     info = build_bundle(args.model, args.out, split_config(args), args.dtype, args.overwrite,
-                        log=lambda line: print(line, file=sys.stderr))
+                        log=lambda line: print(line, file=sys.stderr), family=family(args))
     plan = info.plan
     made = info.emulator
     how = made["layer_selection"] + (" + distilled" if "distill" in made else "") + \
@@ -82,7 +98,7 @@ def cmd_train(args) -> None:
                             "on the full model)")
         from ..offsite.owner import save_model
 
-        model = load_model(args.model, args.dtype)
+        model = load_model(args.model, args.dtype, family(args))
         processor = load_processor(args.model)
         task = data.prepare(args.data, "train", processor, args.block_size, args.max_examples)
         model.requires_grad_(True)
@@ -117,7 +133,7 @@ def cmd_plug(args) -> None:
     from ..offsite.owner import plugged_model, save_model
 
     adapter = load_adapter(existing(args.adapter, "--adapter"))
-    model = plugged_model(args.model, adapter, args.dtype)
+    model = plugged_model(args.model, adapter, args.dtype, family(args))
     save_model(model, load_processor(args.model), args.out, args.overwrite)
     print(f"plugged {adapter.kind} adapter (blocks {list(adapter.indices)}) into {args.model} "
           f"-> {args.out}")
@@ -146,8 +162,8 @@ def cmd_evaluate(args) -> None:
     else:
         from ..offsite.owner import plugged_model
         processor = load_processor(args.model)
-        model = plugged_model(args.model, adapter, args.dtype) if adapter else \
-            load_model(args.model, args.dtype)
+        model = plugged_model(args.model, adapter, args.dtype, family(args)) if adapter else \
+            load_model(args.model, args.dtype, family(args))
     if args.lm_eval_tasks:
         try:
             from ..training.lm_eval import run_tasks
@@ -179,6 +195,9 @@ def add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 
 
 DTYPE = dict(choices=["float32", "float16", "bfloat16"], default="float32")
+FAMILY_HELP = ("where the model's parts are, when the table and detection get it wrong: a "
+               "Family as JSON or a .json file (blocks, embeddings, final_norm, head, "
+               "lora_targets); bundles carry it to the data owners")
 
 
 def add_commands(sub) -> None:
@@ -194,6 +213,7 @@ def add_commands(sub) -> None:
     p.add_argument("--compression", choices=list(COMPRESSIONS),
                    help="compress the emulator blocks (int8: 8-bit weights)")
     p.add_argument("--dtype", **DTYPE)
+    p.add_argument("--family", help=FAMILY_HELP)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("public data (distillation, similarity)")
@@ -208,6 +228,7 @@ def add_commands(sub) -> None:
     p.add_argument("--out", required=True, type=Path,
                    help="adapter .safetensors file (model directory with --tuning full)")
     p.add_argument("--dtype", **DTYPE)
+    p.add_argument("--family", help=FAMILY_HELP)
     p.add_argument("--overwrite", action="store_true")
     g = p.add_argument_group("training")
     g.add_argument("--tuning", choices=["blocks", "lora", "bitfit", "full"], default="blocks",
@@ -223,6 +244,7 @@ def add_commands(sub) -> None:
     p.add_argument("--adapter", required=True, help="adapter file or bundle directory")
     p.add_argument("--out", required=True, type=Path, help="model directory to write")
     p.add_argument("--dtype", **DTYPE)
+    p.add_argument("--family", help=FAMILY_HELP)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_plug)
 
@@ -236,4 +258,5 @@ def add_commands(sub) -> None:
     p.add_argument("--split", default="test")
     p.add_argument("--out", type=Path, default=Path("metrics.json"), help="metrics JSON file")
     p.add_argument("--dtype", **DTYPE)
+    p.add_argument("--family", help=FAMILY_HELP)
     p.set_defaults(func=cmd_evaluate)

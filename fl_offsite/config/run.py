@@ -19,6 +19,10 @@ class Config(Section):
     name: str = "run"
     model: str
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    family: dict | None = Field(None, description="where the model's parts are, when the table "
+                                "and detection get it wrong: a Family as a mapping (blocks, "
+                                "embeddings, final_norm, head, lora_targets); the bundle carries "
+                                "it to the data owners")
     seed: int = 0
     num_clients: int = Field(8, ge=1)
     clients_per_round: int = Field(4, ge=1)

@@ -39,7 +39,7 @@ def emulated_from_full(model, arch, plan: LayerPlan, emulator: dict | None = Non
     shared, blocks = split_state(model, arch)
     emulator = {k: v.detach().clone() for k, v in (emulator or keyed(blocks, plan.emulator)).items()}
     student = build_emulated_model(emulated_config(model.config, plan), plan, shared, emulator,
-                                   keyed(blocks, plan.adapter), arch.task)
+                                   keyed(blocks, plan.adapter), arch.task, arch.family)
     return student
 
 

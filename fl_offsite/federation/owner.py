@@ -25,7 +25,7 @@ class ModelOwner:
 
     def __init__(self, cfg: Config, run_dir: Path, resume: bool = False):
         self.cfg = cfg
-        self.model = load_model(cfg.model, cfg.dtype)
+        self.model = load_model(cfg.model, cfg.dtype, cfg.family)
         self.arch = resolve(self.model)
         self.processor = load_processor(cfg.model)
         shared, blocks = split_state(self.model, self.arch)

@@ -13,7 +13,7 @@ branches on the model type.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -31,6 +31,18 @@ class Family:
     lora_targets: tuple[str, ...]
     lora_fan_in_fan_out: bool = False  # True where the targets are GPT-2 style Conv1D
     task: str = "causal-lm"  # or "image-classification"
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Family":
+        """A family from JSON (a bundle's metadata, a run config's ``family:``, ``--family``)."""
+        try:
+            return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+        except TypeError as exc:
+            raise UserError(f"family: {exc}; give blocks, embeddings, final_norm, head, "
+                            "lora_targets (lists of attribute paths / module names)") from None
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
 _LLAMA_LIKE = Family(
@@ -118,12 +130,25 @@ class Arch:
         return _get(model, self.blocks_path)
 
 
+FAMILY_ATTRIBUTE = "offsite_family"  # a Family pinned on a model instance (see use_family)
+
+
+def use_family(model: torch.nn.Module, family: Family | None) -> torch.nn.Module:
+    """Pin ``family`` on ``model``: it then wins over the table and detection wherever the
+    model goes (a bundle's own family, a user's override)."""
+    if family is not None:
+        setattr(model, FAMILY_ATTRIBUTE, family)
+    return model
+
+
 def resolve(model: torch.nn.Module) -> Arch:
-    """Find the family of ``model`` and the attribute paths of its parts."""
+    """Find the family of ``model`` (pinned, from the table, or read off the model) and the
+    attribute paths of its parts."""
     from .detect import detect_family
 
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    family = FAMILIES.get(model_type) or detect_family(model)
+    family = getattr(model, FAMILY_ATTRIBUTE, None) or FAMILIES.get(model_type) or \
+        detect_family(model)
     blocks = [p for p in family.blocks if isinstance(_get(model, p), torch.nn.ModuleList)]
     if not blocks:
         raise UserError(

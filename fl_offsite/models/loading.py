@@ -13,7 +13,7 @@ import torch
 from transformers import (AutoConfig, AutoImageProcessor, AutoModelForCausalLM,
                           AutoModelForImageClassification, AutoTokenizer)
 
-from .families import FAMILIES
+from .families import FAMILIES, Family, use_family
 from ..errors import UserError
 from .fetch import FETCHABLE, resolve_model_source
 
@@ -58,13 +58,14 @@ def load_config(name_or_path: str):
                         f"{hint}") from None
 
 
-def load_model(name_or_path: str, dtype: str = "float32"):
-    """The full model, in eval mode, with caching off (blocks may be dropped later)."""
+def load_model(name_or_path: str, dtype: str = "float32", family: dict | None = None):
+    """The full model, in eval mode, with caching off (blocks may be dropped later);
+    ``family`` (a Family as a mapping) overrides where its parts are."""
     config = load_config(name_or_path)
     auto = AUTO_CLASSES[task_of_config(config)]
     model = auto.from_pretrained(resolve_model_path(name_or_path), dtype=DTYPES[dtype])
     model.config.use_cache = False
-    return model.eval()
+    return use_family(model.eval(), Family.from_dict(family) if family else None)
 
 
 def load_processor(name_or_path: str):

@@ -26,7 +26,7 @@ import torch
 from accelerate import init_empty_weights
 
 from .. import __version__
-from ..models.families import Arch, resolve
+from ..models.families import Arch, Family, resolve, use_family
 from ..errors import UserError
 from ..fileio import atomic_dir, load_tensors, save_tensors, tensors_hash
 from ..models.loading import AUTO_CLASSES
@@ -91,6 +91,7 @@ class BundleInfo:
     bundle_hash: str
     source_hash: str
     emulator: dict  # how the emulator was made: layer_selection, distill, quantize
+    family: Family | None = None  # where the model's parts are, as the model owner resolved it
 
 
 def read_info(bundle_dir: str | Path) -> BundleInfo:
@@ -105,7 +106,8 @@ def read_info(bundle_dir: str | Path) -> BundleInfo:
                         f"this fl-offsite reads format {FORMAT_VERSION}; rebuild the bundle")
     return BundleInfo(bundle_dir, meta["source_model"], meta["model_type"], meta["task"],
                       LayerPlan.from_dict(meta["plan"]), meta["bundle_hash"], meta["source_hash"],
-                      meta.get("emulator", {}))
+                      meta.get("emulator", {}),
+                      Family.from_dict(meta["family"]) if "family" in meta else None)
 
 
 def frozen_hash(config_json: str, plan: LayerPlan, emulator: dict, shared: dict) -> str:
@@ -155,6 +157,7 @@ def write_bundle(model: torch.nn.Module, plan: LayerPlan, out_dir: str | Path,
             "fl_offsite_version": __version__,
             "source_model": source_model,
             "model_type": arch.model_type,
+            "family": arch.family.to_dict(),  # the data owner uses exactly this
             "task": arch.task,
             "plan": plan.to_dict(),
             "notation": plan.notation(),
@@ -168,7 +171,7 @@ def write_bundle(model: torch.nn.Module, plan: LayerPlan, out_dir: str | Path,
 
 
 def build_emulated_model(config, plan: LayerPlan, shared: dict, emulator: dict, adapter: dict,
-                         task: str) -> torch.nn.Module:
+                         task: str, family: Family | None = None) -> torch.nn.Module:
     """Assemble the emulated model from its parts, without ever materialising random weights.
 
     A block repeated in the plan is one module at several positions (shared weights); a
@@ -178,7 +181,7 @@ def build_emulated_model(config, plan: LayerPlan, shared: dict, emulator: dict, 
 
     with init_empty_weights(include_buffers=False):
         model = AUTO_CLASSES[task].from_config(config)
-    arch = resolve(model)
+    arch = resolve(use_family(model, family))
     modules = arch.blocks(model)
     blocks = unkeyed({**emulator, **adapter})
     state = dict(shared)
@@ -222,5 +225,6 @@ def load_bundle(bundle_dir: str | Path, verify: bool = True) -> tuple[torch.nn.M
             raise UserError(f"--bundle: {path} content hash {actual[:12]} does not match its "
                             f"metadata ({info.bundle_hash[:12]}); the bundle was modified or "
                             "corrupted, fetch it again from the model owner")
-    model = build_emulated_model(config, info.plan, shared, emulator, adapter, info.task)
+    model = build_emulated_model(config, info.plan, shared, emulator, adapter, info.task,
+                                 info.family)
     return model, info

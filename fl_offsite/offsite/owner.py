@@ -15,20 +15,22 @@ from .plan import make_plan
 
 
 def build_bundle(model_name: str, out_dir: str | Path, split: SplitConfig | None = None,
-                 dtype: str = "float32", overwrite: bool = False, log=None) -> BundleInfo:
+                 dtype: str = "float32", overwrite: bool = False, log=None,
+                 family: dict | None = None) -> BundleInfo:
     split = split or SplitConfig()
     make_plan(load_config(model_name).num_hidden_layers, split.adapter_bottom, split.adapter_top,
               split.emulator_layers, split.drop_ratio)  # fail before loading any weights
-    model = load_model(model_name, dtype)
+    model = load_model(model_name, dtype, family)
     processor = load_processor(model_name)
     plan, emulator, record = make_emulator(model, processor, split, log)
     return write_bundle(model, plan, out_dir, model_name, processor, emulator,
                         split.compression, record, overwrite=overwrite)
 
 
-def plugged_model(model_name: str, adapter: Adapter, dtype: str = "float32"):
+def plugged_model(model_name: str, adapter: Adapter, dtype: str = "float32",
+                  family: dict | None = None):
     """The full model with ``adapter`` plugged in (LoRA merged)."""
-    model = load_model(model_name, dtype)
+    model = load_model(model_name, dtype, family)
     return adapters.plug(model, resolve(model), adapter)
 
 
