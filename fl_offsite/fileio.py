@@ -41,6 +41,9 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    for file in tmp.rglob("*"):  # some writers (safetensors via transformers) make 0600 files
+        if file.is_file() and not file.is_symlink():
+            file.chmod(_default_mode())
     if target.exists():
         shutil.rmtree(target)
     os.replace(tmp, target)

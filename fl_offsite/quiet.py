@@ -6,6 +6,7 @@ import logging
 def quiet_libraries() -> None:
     import datasets
     import flwr.common.logger  # noqa: F401  (sets its own level on import: import it first)
+    import huggingface_hub
     import transformers
 
     logging.getLogger("flwr").setLevel(logging.ERROR)
@@ -13,3 +14,4 @@ def quiet_libraries() -> None:
     transformers.logging.disable_progress_bar()
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
+    huggingface_hub.utils.logging.set_verbosity_error()  # hub retries: the error line says it

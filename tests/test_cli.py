@@ -69,7 +69,21 @@ def _bad_inputs(tmp_path, pydoc_data):
     occupied = tmp_path / "occupied"
     occupied.mkdir()
     (occupied / "keep.txt").write_text("precious")
-    return [
+    bad = {"empty.jsonl": b"", "latin1.jsonl": b'{"text": "caf\xe9 au lait"}\n',
+           "latin1.csv": b"text\ncaf\xe9\n", "broken.jsonl": b'{"text": "no end"\n',
+           "label5.jsonl": b'{"context": "a", "choices": ["x", "y"], "label": 5}\n',
+           "label-1.jsonl": b'{"context": "a", "choices": ["x", "y"], "label": -1}\n'}
+    expected = {"empty.jsonl": "is empty", "latin1.jsonl": "line 1 is not UTF-8",
+                "latin1.csv": "line 2 is not UTF-8", "broken.jsonl": "line 1 is not valid JSON",
+                "label5.jsonl": "row 0: label 5", "label-1.jsonl": "row 0: label -1"}
+    data_cases = []
+    for name, content in bad.items():
+        (tmp_path / "bad-data").mkdir(exist_ok=True)
+        (tmp_path / "bad-data" / name).write_bytes(content)
+        data_cases.append((["evaluate", "--model", "fl-offsite/tiny-opt", "--data",
+                            tmp_path / "bad-data" / name, "--out", tmp_path / "never.json"],
+                           expected[name]))
+    return data_cases + [
         (["emulator", "--model", tmp_path / "missing-model", "--out", tmp_path / "o1"], "--model"),
         (["emulator", "--model", "fl-offsite/nope", "--out", tmp_path / "o2"], "no zoo model"),
         (["emulator", "--model", "fl-offsite/tiny-opt", "--out", tmp_path / "o3",
@@ -98,7 +112,11 @@ def _bad_inputs(tmp_path, pydoc_data):
         (["simulate", "--config", DEMO_CONFIG, "--set", "strategy.name=fedfoo"], "strategy.name"),
         (["simulate", "--config", DEMO_CONFIG, "--set", "split.emulator_layers=9"],
          "emulator_layers"),
-        (["simulate", "--config", DEMO_CONFIG, "--set", "data.path=/no/such/data"], "--data"),
+        (["simulate", "--config", DEMO_CONFIG, "--set", "data.path=/no/such/data"],
+         "data.path: "),
+        (["simulate", "--config", DEMO_CONFIG, "--set", "model=/no/such/model"],
+         "model: /no/such/model does not exist"),
+        (["simulate", "--config", DEMO_CONFIG, "--set", "rounds=0"], "--set rounds: "),
         (["simulate", "--config", DEMO_CONFIG, "--set", "rounds"], "key=value"),
         (["simulate", "--config", DEMO_CONFIG, "--set", "split.distill.data=/no/such/text",
           "--set", "split.distill.steps=5"], "split.distill.data"),

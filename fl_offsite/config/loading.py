@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from .run import Config
 
 
@@ -90,15 +90,23 @@ def load(path: str | Path | None, overrides: list[str] | dict | None = None) -> 
             tree = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
             raise UserError(f"--config: {path} is not valid YAML "
-                            f"({str(exc).splitlines()[0]})") from None
+                            f"({first_line(exc)})") from None
         if not isinstance(tree, dict):
             raise UserError(f"--config: {path} must hold a mapping of keys")
         source = str(path)
-    items = overrides.items() if isinstance(overrides, dict) else \
-        (parse_override(o) for o in overrides or [])
+    items = list(overrides.items() if isinstance(overrides, dict) else
+                 (parse_override(o) for o in overrides or []))
     for key, value in items:
         set_dotted(tree, key, value)
-    return build(tree, source)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        where = _user_location(exc.errors()[0]["loc"], tree)
+        overridden = [key for key, _ in items if where == key or where.startswith(key + ".")
+                      or key.startswith(where + ".")]
+        # a mistake in an override is the override's, not the file's
+        raise UserError(_first_error(exc, f"--set {overridden[0]}" if overridden else source,
+                                     tree)) from None
 
 
 def dump(cfg: Config) -> str:

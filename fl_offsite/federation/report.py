@@ -27,6 +27,10 @@ def render(run_dir: Path) -> list[Path]:
     outputs = []
 
     def save(fig, name: str) -> None:
+        from matplotlib.ticker import MaxNLocator
+
+        for axes in fig.axes:  # rounds are whole numbers
+            axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         fig.tight_layout()
         fig.savefig(run_dir / name, dpi=100)
         plt.close(fig)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -20,14 +21,18 @@ def preflight(cfg: configs.Config, simulation: bool = True) -> None:
     if simulation:
         check_resources(cfg)
     cfg.strategy.check(cfg.clients_per_round)
-    depth = load_config(cfg.model).num_hidden_layers
+    with _as_config_key("--model", "model"):
+        depth = load_config(cfg.model).num_hidden_layers
     if cfg.bundle:
-        read_info(cfg.bundle)
+        with _as_config_key("--bundle", "bundle"):
+            read_info(cfg.bundle)
     else:
         make_plan(depth, cfg.split.adapter_bottom, cfg.split.adapter_top,
                   cfg.split.emulator_layers, cfg.split.drop_ratio)
     for split in ("train", cfg.data.eval_split):
-        if len(data.load_split(cfg.data.path, split)) == 0:
+        with _as_config_key("--data", "data.path"):
+            rows = len(data.load_split(cfg.data.path, split))
+        if rows == 0:
             raise UserError(f"data.path: {cfg.data.path} split {split!r} is empty")
     if simulation and cfg.ray_address is None:  # all data owners share this machine
         from .memory import check_simulation
@@ -37,6 +42,17 @@ def preflight(cfg: configs.Config, simulation: bool = True) -> None:
             data.load_split(cfg.split.distill.data, "train")
         except UserError as exc:
             raise UserError(f"split.distill.data: {exc}".replace("--data: ", "")) from None
+
+
+@contextlib.contextmanager
+def _as_config_key(flag: str, key: str):
+    """The library names the command-line flag; in a run config the user wrote ``key``."""
+    try:
+        yield
+    except UserError as exc:
+        message = str(exc)
+        raise UserError(key + message[len(flag):] if message.startswith(flag) else message) \
+            from None
 
 
 def new_run_dir(cfg: configs.Config, out: str | Path | None) -> Path:

@@ -6,7 +6,6 @@ and the tests run with no hub access. Everything else goes to ``from_pretrained`
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -14,7 +13,7 @@ from transformers import (AutoConfig, AutoImageProcessor, AutoModelForCausalLM,
                           AutoModelForImageClassification, AutoTokenizer)
 
 from .families import FAMILIES, Family, use_family
-from ..errors import UserError
+from ..errors import UserError, first_line
 from .fetch import FETCHABLE, resolve_model_source
 
 ZOO_DIR = Path(__file__).parents[1] / "zoo"
@@ -49,13 +48,18 @@ def task_of_config(config) -> str:
 
 def load_config(name_or_path: str):
     path = resolve_model_path(name_or_path)
+    looks_like_path = path.startswith(("/", ".", "~")) or path.count("/") > 1  # hub: org/name
+    if looks_like_path and not Path(path).exists():
+        raise UserError(f"--model: {path} does not exist (not a directory, and a path is no "
+                        "hub id); give a model directory, a .gguf file, fl-offsite/<name> or a "
+                        "hub id")
     try:
         return AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as exc:
-        hint = "check the path" if os.path.sep in path or Path(path).exists() else \
-            "check the name, or pass a local directory (no hub access?)"
-        raise UserError(f"--model: cannot load {name_or_path!r} ({str(exc).splitlines()[0]}); "
-                        f"{hint}") from None
+        hint = f"{path} has no loadable config.json" if Path(path).exists() else \
+            "not found as a hub id (is the hub reachable here?) nor as a local path"
+        raise UserError(f"--model: cannot load {name_or_path!r}: {hint} "
+                        f"({first_line(exc)})") from None
 
 
 def load_model(name_or_path: str, dtype: str = "float32", family: dict | None = None):

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 
 EXTENSIONS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet",
               ".txt": "text"}
@@ -47,6 +47,34 @@ def resolve_data_path(spec: str) -> str:
     return spec
 
 
+def check_file(file: Path) -> None:
+    """Refuse, with the line and the fix, what ``datasets`` reports badly or too late: an empty
+    file, text that is not UTF-8 (it fails only when a row is read), a JSON-lines row that is
+    not JSON."""
+    raw = file.read_bytes()
+    if not raw.strip():
+        raise UserError(f"--data: {file} is empty; give it rows (e.g. {{\"text\": ...}} per "
+                        "line)")
+    if file.suffix == ".parquet":
+        return
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise UserError(f"--data: {file} line {line} is not UTF-8 ({exc.reason}); convert the "
+                        f"file, e.g. iconv -f latin1 -t utf-8") from None
+    if file.suffix == ".jsonl":
+        import json
+
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise UserError(f"--data: {file} line {number} is not valid JSON "
+                                    f"({exc.msg}); one JSON object per line") from None
+
+
 def load_split(spec: str, split: str):
     """One split of a dataset as a ``datasets.Dataset``."""
     import datasets
@@ -62,16 +90,17 @@ def load_split(spec: str, split: str):
         if builder is None:
             raise UserError(f"--data: {file} has an unsupported extension; use one of "
                             f"{', '.join(EXTENSIONS)}")
+        check_file(file)
         try:
             return datasets.load_dataset(builder, data_files=str(file), split="train")
         except Exception as exc:
-            raise UserError(f"--data: cannot read {file}: {str(exc).splitlines()[0]}") from None
+            raise UserError(f"--data: cannot read {file}: {first_line(exc)}") from None
     name, _, config = spec.partition(":")
     try:
         return datasets.load_dataset(name, config or None, split=split)
     except Exception as exc:
         raise UserError(f"--data: {spec!r} is neither a local path nor a loadable dataset "
-                        f"({str(exc).splitlines()[0][:200]})") from None
+                        f"({first_line(exc, 200)})") from None
 
 
 def task_kind(ds) -> str:
@@ -117,12 +146,17 @@ def context_text(example: dict) -> str:
     return example.get("context", example.get("query", ""))
 
 
-def mc_items(ds, tokenizer, block_size: int) -> list[dict]:
+def mc_items(ds, tokenizer, block_size: int, source: str = "--data") -> list[dict]:
     """Context + gold choice; loss only on the choice's tokens."""
     items = []
-    for ex in ds:
+    for row, ex in enumerate(ds):
+        label = ex["label"]
+        if isinstance(label, bool) or not isinstance(label, int) or \
+                not 0 <= label < len(ex["choices"]):
+            raise UserError(f"{source}: row {row}: label {label!r} is not the index of one of its "
+                            f"{len(ex['choices'])} choices; use 0..{len(ex['choices']) - 1}")
         ctx = tokenizer(context_text(ex), add_special_tokens=False)["input_ids"]
-        cont = tokenizer(ex["choices"][int(ex["label"])], add_special_tokens=False)["input_ids"]
+        cont = tokenizer(ex["choices"][label], add_special_tokens=False)["input_ids"]
         ids = (ctx + cont)[-block_size:]
         labels = ([-100] * len(ctx) + cont)[-block_size:]
         items.append({"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)})
@@ -151,17 +185,17 @@ def prepare(spec: str, split: str, processor, block_size: int = 128,
         ds = ds.select(range(max_examples))
     if len(ds) == 0:
         raise UserError(f"--data: {spec} split {split!r} is empty")
-    return prepare_dataset(ds, processor, block_size)
+    return prepare_dataset(ds, processor, block_size, f"--data: {spec} ({split})")
 
 
-def prepare_dataset(ds, processor, block_size: int = 128) -> TaskData:
+def prepare_dataset(ds, processor, block_size: int = 128, source: str = "--data") -> TaskData:
     kind = task_kind(ds)
     if processor is None:
         raise UserError("model: has no tokenizer or image processor; save one beside the model")
     if kind == "lm":
         items = lm_items(ds["text"], processor, block_size)
     elif kind == "multiple-choice":
-        items = mc_items(ds, processor, block_size)
+        items = mc_items(ds, processor, block_size, source)
     else:
         items = image_items(ds, processor)
     return TaskData(kind, items, ds)
