@@ -30,7 +30,7 @@ def _run(args, extra: dict | None = None) -> None:
     else:
         if not args.config:
             raise UserError("--config: required (or --resume RUN_DIR)")
-        cfg = configs.load(args.config, overrides)
+        cfg = configs.load(args.config, overrides, "--set")
         preflight(cfg)
         run_dir = new_run_dir(cfg, args.out)
     summary = simulate(cfg, run_dir, verbose=args.verbose, resume=bool(args.resume))

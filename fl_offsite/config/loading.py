@@ -78,8 +78,10 @@ def build(tree: dict, source: str) -> Config:
         raise UserError(_first_error(exc, source, tree)) from None
 
 
-def load(path: str | Path | None, overrides: list[str] | dict | None = None) -> Config:
-    """Config from a YAML file (or none) with dotted overrides applied on top."""
+def load(path: str | Path | None, overrides: list[str] | dict | None = None,
+         overrides_from: str | None = None) -> Config:
+    """Config from a YAML file (or none) with dotted overrides applied on top; a mistake in an
+    override is reported as ``<overrides_from> KEY`` (e.g. ``--set rounds``) when given."""
     tree: dict = {}
     source = "config"
     if path is not None:
@@ -102,10 +104,10 @@ def load(path: str | Path | None, overrides: list[str] | dict | None = None) -> 
         return Config.model_validate(tree)
     except ValidationError as exc:
         where = _user_location(exc.errors()[0]["loc"], tree)
-        overridden = [key for key, _ in items if where == key or where.startswith(key + ".")
-                      or key.startswith(where + ".")]
+        overridden = [key for key, _ in items if overrides_from and (
+            where == key or where.startswith(key + ".") or key.startswith(where + "."))]
         # a mistake in an override is the override's, not the file's
-        raise UserError(_first_error(exc, f"--set {overridden[0]}" if overridden else source,
+        raise UserError(_first_error(exc, f"{overrides_from} {overridden[0]}" if overridden else source,
                                      tree)) from None
 
 

@@ -71,7 +71,7 @@ def resume_config(run_dir: Path, overrides: dict) -> configs.Config:
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise UserError(f"--resume: {run_dir} is not a run directory (no config.yaml)")
-    return configs.load(path, overrides)
+    return configs.load(path, overrides, "--set")
 
 
 def check_resumable(run_dir: Path, cfg: configs.Config) -> None:
