@@ -18,7 +18,7 @@ from .flags import add_fields, field_values
 PLAN_FIELDS = ("adapter_bottom", "adapter_top")
 SIZE_FIELDS = ("emulator_layers", "drop_ratio")
 DISTILL_PREFIXED = ("data", "steps", "lr", "batch_size", "max_examples", "eval_every",
-                    "mixed_precision")
+                    "nmse", "mixed_precision")
 DISTILL_PLAIN = ("block_size", "kd_weight", "lm_weight", "layer_weight")
 LORA_FIELDS = ("lora_r", "lora_alpha", "lora_dropout")
 

@@ -32,6 +32,9 @@ class DistillConfig(_Section):
     lm_weight: float = Field(1.0, ge=0.0, description="weight of the student's task loss")
     layer_weight: float = Field(0.0, ge=0.0, description="weight of per-position matching")
     eval_every: int = Field(50, ge=1, description="held-out check (best step is kept)")
+    nmse: Literal["global", "per_token"] = Field(
+        "global", description="global: one ratio over all tokens (Offsite-Tuning's); per_token: "
+        "the mean of each token's ratio (real LLMs concentrate the hidden norm on a few tokens)")
     mixed_precision: Literal["no", "bf16"] = Field("no", description="bfloat16 autocast "
                                                     "(fast on CPUs with AMX and on GPUs)")
     seed: int = 0
@@ -90,6 +93,7 @@ def make_emulator(model, processor, split: SplitConfig, log=None
     emulator, report = distill(model, emulated_from_full(model, arch, plan), arch, plan,
                                public[0], public[1], d.steps, d.lr, d.batch_size, d.kd_weight,
                                d.lm_weight, d.layer_weight, d.eval_every, d.seed, pad_id, log,
-                               autocast=d.mixed_precision == "bf16")
+                               autocast=d.mixed_precision == "bf16",
+                               per_token=d.nmse == "per_token")
     record["distill"] = {"data": d.data, **report}
     return plan, emulator, record

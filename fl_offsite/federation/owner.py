@@ -91,7 +91,8 @@ class ModelOwner:
                                   r.lr, d.batch_size, d.kd_weight, d.lm_weight, d.layer_weight,
                                   eval_every=r.steps, seed=d.seed + rnd,
                                   pad_id=getattr(self.processor, "pad_token_id", 0) or 0,
-                                  autocast=d.mixed_precision == "bf16")
+                                  autocast=d.mixed_precision == "bf16",
+                                  per_token=d.nmse == "per_token")
         adapters.load_into(self.model, self.arch, order, self.pristine)
         record = {**self.info.emulator, "realigned_after_round": rnd, "realign": report}
         target = run_dir / "bundles" / f"round-{rnd:04d}"
