@@ -173,11 +173,16 @@ def complete(directory: Path) -> bool:
     return read_card(directory).get("format") == CARD_FORMAT
 
 
-def read_card(directory: Path) -> dict:
+def _read_json(path: Path) -> dict:
+    """A small JSON file of the cache, or {} if it is missing or half-written."""
     try:
-        return json.loads((directory / CARD).read_text())
+        return json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
+
+
+def read_card(directory: Path) -> dict:
+    return _read_json(directory / CARD)
 
 
 def write_card(directory: Path, card: dict) -> None:
@@ -244,10 +249,7 @@ def _sha256(path: Path) -> str:
 
 
 def _read_index(root: Path) -> dict:
-    try:
-        return json.loads((root / INDEX).read_text())
-    except (OSError, ValueError):
-        return {}
+    return _read_json(root / INDEX)
 
 
 def _write_index(root: Path, index: dict) -> None:
