@@ -26,10 +26,15 @@ def _default_mode(directory: bool = False) -> int:
 
 
 @contextlib.contextmanager
-def atomic_dir(target: str | os.PathLike, overwrite: bool = False):
-    """Yield a temporary directory that becomes ``target`` only if the block succeeds."""
+def atomic_dir(target: str | os.PathLike, overwrite: bool = False,
+               content_addressed: bool = False):
+    """Yield a temporary directory that becomes ``target`` only if the block succeeds.
+
+    ``content_addressed``: ``target`` is named by its content's hash and shared by processes
+    (data owners on one machine), so a directory already there is never removed (another
+    process may be reading it) and, when one appears first, this copy is discarded."""
     target = Path(target)
-    if target.exists() and not overwrite and any(target.iterdir()):
+    if target.exists() and not (overwrite or content_addressed) and any(target.iterdir()):
         from .errors import UserError
         raise UserError(f"--out: {target} already exists and is not empty; "
                         "choose a new path or remove it")
@@ -44,6 +49,14 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = False):
     for file in tmp.rglob("*"):  # some writers (safetensors via transformers) make 0600 files
         if file.is_file() and not file.is_symlink():
             file.chmod(_default_mode())
+    if content_addressed:
+        try:
+            os.rename(tmp, target)  # refused when another writer got there first
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not target.is_dir():
+                raise
+        return
     if target.exists():
         shutil.rmtree(target)
     os.replace(tmp, target)

@@ -55,6 +55,34 @@ def test_a_clean_payload_rebuilds_the_bundle(payload, tmp_path):
     assert read_info(target).bundle_hash == info.bundle_hash
 
 
+def test_data_owners_sharing_a_cache_never_remove_a_bundle_another_may_be_reading(
+        payload, tmp_path, monkeypatch):
+    """Two data owners on one machine receive the same bundle: the one that finishes second
+    keeps the first one's directory in place (a reader on it is not disturbed) and leaves no
+    temporary copy behind."""
+    from fl_offsite import fileio
+
+    info, content = payload
+    target = tmp_path / "cache" / "bundles" / info.bundle_hash
+    real_save, second = fileio.save_tensors, {}
+
+    def save_while_another_owner_finishes(path, tensors, *args, **kwargs):
+        if not second:  # the first writer, half way: the second one writes it all
+            second["started"] = True
+            protocol.write_bundle_content(content, target)
+            second["inode"] = target.stat().st_ino
+            second["reader"] = open(target / "offsite.json", "rb")
+        return real_save(path, tensors, *args, **kwargs)
+
+    monkeypatch.setattr(fileio, "save_tensors", save_while_another_owner_finishes)
+    protocol.write_bundle_content(content, target)
+    with second["reader"] as reader:
+        assert target.stat().st_ino == second["inode"]
+        assert (target / "offsite.json").read_bytes() == reader.read()
+    assert read_info(target).bundle_hash == info.bundle_hash
+    assert [p.name for p in target.parent.iterdir()] == [info.bundle_hash]
+
+
 @pytest.mark.parametrize("bad_hash", ["../../outside", "/abs", "ABCDEF0123456789", "x" * 64, "12"])
 def test_a_bundle_hash_that_is_not_hex_is_refused_by_the_data_owner(payload, tmp_path, bad_hash):
     _, content = payload

@@ -1,6 +1,6 @@
 """The run config (``Config``) and how it is read (``load``); see ``configs/demo.yaml``."""
 
-from .loading import build, build_section, dump, load, parse_override, set_dotted
+from .loading import build_section, dump, load, parse_override, set_dotted
 from .run import Config
 
-__all__ = ["Config", "build", "build_section", "dump", "load", "parse_override", "set_dotted"]
+__all__ = ["Config", "build_section", "dump", "load", "parse_override", "set_dotted"]

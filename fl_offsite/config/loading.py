@@ -71,13 +71,6 @@ def build_section(name: str, values: dict) -> BaseModel:
         raise UserError(_first_error(exc, name, values)) from None
 
 
-def build(tree: dict, source: str) -> Config:
-    try:
-        return Config.model_validate(tree)
-    except ValidationError as exc:
-        raise UserError(_first_error(exc, source, tree)) from None
-
-
 def load(path: str | Path | None, overrides: list[str] | dict | None = None,
          overrides_from: str | None = None) -> Config:
     """Config from a YAML file (or none) with dotted overrides applied on top; a mistake in an

@@ -177,11 +177,10 @@ class Objective:
 
 def _batches(items: list[dict], batch_size: int, pad_id: int, shuffle: bool, seed: int = 0):
     """(item indices, collated batch) pairs."""
-    loader = DataLoader(range(len(items)), batch_size=batch_size, shuffle=shuffle,
-                        generator=torch.Generator().manual_seed(seed),
-                        collate_fn=lambda idx: (list(idx), collate([items[i] for i in idx],
-                                                                   pad_id)))
-    return loader
+    return DataLoader(range(len(items)), batch_size=batch_size, shuffle=shuffle,
+                      generator=torch.Generator().manual_seed(seed),
+                      collate_fn=lambda idx: (list(idx), collate([items[i] for i in idx],
+                                                                 pad_id)))
 
 
 def _width(batch: dict) -> int | None:
@@ -218,7 +217,8 @@ def distill(teacher, student, arch, plan: LayerPlan, train_items: list[dict],
             autocast: bool = False, per_token: bool = False
             ) -> tuple[dict[str, torch.Tensor], dict]:
     """Train ``student``'s emulator blocks; returns the best emulator tensors and a report.
-    ``autocast``: bfloat16 autocast on the CPU (fast where it has AMX)."""
+    ``autocast``: bfloat16 autocast on the model's device (a gain on GPUs and AMX CPUs only);
+    ``per_token``: the per-token NMSE instead of the global one."""
     if not train_items or not val_items:
         raise UserError("distill: the public data has too little text for training and a "
                         "held-out split; give more text or a smaller block_size")

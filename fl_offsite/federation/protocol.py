@@ -115,7 +115,7 @@ def write_bundle_content(content: RecordDict, target: Path) -> None:
         per_file[name][tensor_key] = tensor
     for key in content["files"]:
         file_name(key)  # all checked before anything is written
-    with atomic_dir(target, overwrite=True) as tmp:
+    with atomic_dir(target, content_addressed=True) as tmp:
         for name, tensors in per_file.items():
             save_tensors(tmp / name, tensors)
         _write_files(content, tmp)
@@ -151,7 +151,7 @@ def apply_bundle_delta(content: RecordDict, base_dir: Path, target: Path) -> Non
     emulator = {key.partition("/")[2]: t for key, t in record_tensors(content["arrays"]).items()}
     for key in content["files"]:
         file_name(key)  # all checked before anything is written
-    with atomic_dir(target, overwrite=True) as tmp:
+    with atomic_dir(target, content_addressed=True) as tmp:
         for name in TENSOR_FILES:
             if name not in DELTA_FILES:
                 shutil.copy2(base_dir / name, tmp / name)

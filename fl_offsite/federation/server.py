@@ -90,10 +90,9 @@ class Federation:
     def round(self, rnd: int, current):
         """One round; returns the new global adapter."""
         cfg, start = self.cfg, time.time()
-        sampled, replies, traffic, seconds_clients = self._train(rnd, current)
-        ok = [r for r in replies if not r.has_error()]
-        valid, rejected = self._screen(rnd, ok, current, traffic["secure"])
+        sampled, replies, ok, traffic, seconds_clients = self._train(rnd, current)
         secure = traffic["secure"]
+        valid, rejected = self._screen(rnd, ok, current, secure)
         updated = len(valid) >= cfg.min_clients and (secure is None or bool(secure.aggregate))
         previous = current
         if updated:
@@ -122,7 +121,8 @@ class Federation:
 
     def _train(self, rnd: int, current):
         """Sample, bring the sampled data owners' bundles up to date, send the adapter and
-        collect the replies (sorted by data owner, as arrival order varies)."""
+        collect the replies (sorted by data owner, as arrival order varies) and those without
+        an error."""
         cfg, nodes = self.cfg, self.nodes
         nodes.refresh(cfg.clients_per_round)
         with nodes.sampling(cfg.seed * 100_003 + rnd, cfg.clients_per_round) as order:
@@ -149,7 +149,7 @@ class Federation:
         up = secure.bytes_up if secure else sum(accounting.upload_bytes(r) for r in ok)
         traffic = {"bundles": bundles, "deltas": deltas, "down": bundle_bytes + down, "up": up,
                    "secure": secure}
-        return sampled, replies, traffic, seconds_clients
+        return sampled, replies, ok, traffic, seconds_clients
 
     def _screen(self, rnd: int, ok: list, current, secure):
         """(valid uploads, rejections); SecAgg+ leaves nothing to screen."""
