@@ -50,6 +50,11 @@ class SplitConfig(_Section):
     distill: DistillConfig = DistillConfig()
     compression: Compression | None = None
 
+    @property
+    def needs_full_model(self) -> bool:
+        """Does making this emulator run the model (else its bundle is read in parts)?"""
+        return bool(self.distill.steps) or self.selection.needs_public_data
+
     @model_validator(mode="after")
     def _needs_public_data(self):
         if self.distill.data is None and (self.distill.steps or

@@ -120,19 +120,21 @@ def frozen_hash(config_json: str, plan: LayerPlan, emulator: dict, shared: dict)
 def write_bundle(model: torch.nn.Module, plan: LayerPlan, out_dir: str | Path,
                  source_model: str, processor=None, emulator: dict | None = None,
                  compression=None, record: dict | None = None,
-                 overwrite: bool = False) -> BundleInfo:
+                 overwrite: bool = False, state: tuple[dict, dict] | None = None) -> BundleInfo:
     """Write the bundle of ``model`` for ``plan``.
 
     ``emulator`` (``"<index>.<path>"`` tensors) replaces the kept middle blocks, e.g. with a
     distilled emulator; by default they are copied from the model. ``compression`` (an
     ``emulators`` compression method, e.g. int8) rewrites them before they are stored;
-    ``record`` (how the emulator was made) goes into the metadata.
+    ``record`` (how the emulator was made) goes into the metadata. ``state`` (shared
+    tensors, planned blocks) stands in for the model's weights when ``model`` is a skeleton
+    (``streaming.py``).
     """
     arch = resolve(model)
     if plan.depth != len(arch.blocks(model)):
         raise UserError(f"plan: made for {plan.depth} blocks but the model has "
                         f"{len(arch.blocks(model))}")
-    shared, blocks = split_state(model, arch)
+    shared, blocks = state or split_state(model, arch)
     emulator = emulator or keyed(blocks, plan.emulator)
     record = dict(record or {})
     if compression is not None:

@@ -12,6 +12,7 @@ from . import adapter as adapters
 from .adapter import Adapter
 from .bundle import BundleInfo, write_bundle
 from .plan import make_plan
+from .streaming import open_checkpoint
 
 
 def build_bundle(model_name: str, out_dir: str | Path, split: SplitConfig | None = None,
@@ -20,8 +21,15 @@ def build_bundle(model_name: str, out_dir: str | Path, split: SplitConfig | None
     split = split or SplitConfig()
     make_plan(load_config(model_name).num_hidden_layers, split.adapter_bottom, split.adapter_top,
               split.emulator_layers, split.drop_ratio)  # fail before loading any weights
-    model = load_model(model_name, dtype, family)
     processor = load_processor(model_name)
+    checkpoint = None if split.needs_full_model else open_checkpoint(model_name, dtype, family,
+                                                                      log)
+    if checkpoint is not None:  # only the bundle's tensors are read (streaming.py)
+        plan, _, record = make_emulator(checkpoint.model, processor, split, log)
+        return write_bundle(checkpoint.model, plan, out_dir, model_name, processor, None,
+                            split.compression, record, overwrite=overwrite,
+                            state=checkpoint.read(plan.order, log))
+    model = load_model(model_name, dtype, family)
     plan, emulator, record = make_emulator(model, processor, split, log)
     return write_bundle(model, plan, out_dir, model_name, processor, emulator,
                         split.compression, record, overwrite=overwrite)
