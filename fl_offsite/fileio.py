@@ -25,6 +25,15 @@ def _default_mode(directory: bool = False) -> int:
     return (0o777 if directory else 0o666) & ~umask
 
 
+def refuse_occupied(target: str | os.PathLike, overwrite: bool = False) -> None:
+    """Refuse an ``--out`` that holds something, before any work that would be lost."""
+    target = Path(target)
+    if not overwrite and target.exists() and (target.is_file() or any(target.iterdir())):
+        from .errors import UserError
+        raise UserError(f"--out: {target} already exists and is not empty; choose a new path "
+                        "or pass --overwrite")
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | os.PathLike, overwrite: bool = False,
                content_addressed: bool = False):
@@ -34,10 +43,8 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = False,
     (data owners on one machine), so a directory already there is never removed (another
     process may be reading it) and, when one appears first, this copy is discarded."""
     target = Path(target)
-    if target.exists() and not (overwrite or content_addressed) and any(target.iterdir()):
-        from .errors import UserError
-        raise UserError(f"--out: {target} already exists and is not empty; "
-                        "choose a new path or remove it")
+    if not content_addressed:
+        refuse_occupied(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     tmp.chmod(_default_mode(directory=True))

@@ -87,6 +87,7 @@ def cmd_emulator(args) -> None:
 
 
 def cmd_train(args) -> None:
+    from ..fileio import refuse_occupied
     from ..training import data
     from ..models.loading import load_model, load_processor
     from ..training.loop import train
@@ -98,6 +99,7 @@ def cmd_train(args) -> None:
                             "on the full model)")
         from ..offsite.owner import save_model
 
+        refuse_occupied(args.out, args.overwrite)
         model = load_model(args.model, args.dtype, family(args))
         processor = load_processor(args.model)
         task = data.prepare(args.data, "train", processor, args.block_size, args.max_examples)
@@ -119,8 +121,7 @@ def cmd_train(args) -> None:
             from ..offsite.adapter import lora_config
             lora = lora_config(emulated.arch, args.lora_r, args.lora_alpha, args.lora_dropout)
         emulated.prepare(args.tuning, lora, args.seed)
-        if args.out.exists() and not args.overwrite:
-            raise UserError(f"--out: {args.out} exists; choose a new path or pass --overwrite")
+        refuse_occupied(args.out, args.overwrite)
         stats = train(emulated.model, task.train_items, cfg,
                       getattr(processor, "pad_token_id", 0) or 0, seed=args.seed)
         emulated.adapter().save(args.out)
@@ -128,11 +129,13 @@ def cmd_train(args) -> None:
 
 
 def cmd_plug(args) -> None:
+    from ..fileio import refuse_occupied
     from ..offsite.emulated import load_adapter
     from ..models.loading import load_processor
     from ..offsite.owner import plugged_model, save_model
 
     adapter = load_adapter(existing(args.adapter, "--adapter"))
+    refuse_occupied(args.out, args.overwrite)
     model = plugged_model(args.model, adapter, args.dtype, family(args))
     save_model(model, load_processor(args.model), args.out, args.overwrite)
     print(f"plugged {adapter.kind} adapter (blocks {list(adapter.indices)}) into {args.model} "

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..emulators.pipeline import SplitConfig, make_emulator
-from ..fileio import atomic_dir
+from ..fileio import atomic_dir, refuse_occupied
 from ..models.families import resolve
 from ..models.loading import load_config, load_model, load_processor
 from . import adapter as adapters
@@ -19,6 +19,7 @@ def build_bundle(model_name: str, out_dir: str | Path, split: SplitConfig | None
                  dtype: str = "float32", overwrite: bool = False, log=None,
                  family: dict | None = None) -> BundleInfo:
     split = split or SplitConfig()
+    refuse_occupied(out_dir, overwrite)
     make_plan(load_config(model_name).num_hidden_layers, split.adapter_bottom, split.adapter_top,
               split.emulator_layers, split.drop_ratio)  # fail before loading any weights
     processor = load_processor(model_name)
