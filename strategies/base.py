@@ -18,6 +18,9 @@ class StrategyConfig(BaseModel):
 
     max_update_norm: float | None = Field(None, gt=0.0, description="reject larger updates")
     clip_norm: float | None = Field(None, gt=0.0, description="clip each update to this norm")
+    max_weight: float | None = Field(3.0, gt=0.0, description="cap each upload's num-examples "
+                                     "at this multiple of the round's median (null: as "
+                                     "announced)")
 
     flower_class: ClassVar[str]  # class name in flwr.serverapp.strategy
     weighted_mean: ClassVar[bool] = True  # a function of the weighted mean: can run on SecAgg+

@@ -1,12 +1,16 @@
-"""Checks every upload must pass before any strategy sees it, and per-client norm clipping.
+"""Checks every upload must pass before any strategy sees it, per-client norm clipping, and
+the bound on the weight a data owner can claim.
 
 A rejected upload has no influence at all on the aggregate: it is dropped before
 aggregation, and its reason is logged and counted (``clients_rejected`` in summary.json).
+``num-examples`` is the data owner's own claim; capped at a multiple of the round's median, a
+data owner who lies about it weighs no more than that many typical data owners.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +30,11 @@ def _tensors(reply: Message) -> dict[str, torch.Tensor] | None:
     if len(arrays) != 1:
         return None
     return dict(next(iter(arrays.values())).to_torch_state_dict())
+
+
+def _metrics(reply: Message):
+    metrics = reply.content.metric_records
+    return next(iter(metrics.values())) if len(metrics) == 1 else None
 
 
 def update_norm(upload: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
@@ -51,8 +60,7 @@ def check_upload(reply: Message, reference: dict[str, torch.Tensor],
             return f"wrong dtype for {key}: {got.dtype} instead of {ref.dtype}"
         if not torch.isfinite(got).all():
             return f"non-finite values (NaN or Inf) in {key}"
-    metrics = reply.content.metric_records
-    count = next(iter(metrics.values())).get(WEIGHT_KEY) if len(metrics) == 1 else None
+    count = _metrics(reply).get(WEIGHT_KEY) if _metrics(reply) is not None else None
     if isinstance(count, bool) or not isinstance(count, (int, float)) or count != int(count) \
             or count < 1:
         return f"{WEIGHT_KEY} must be a positive integer, got {count!r}"
@@ -77,10 +85,34 @@ def clip_upload(reply: Message, reference: dict[str, torch.Tensor], clip_norm: f
     return norm
 
 
+@dataclass
+class CappedWeight:
+    node_id: int
+    announced: int
+    used: int
+
+
+def cap_weights(replies: list[Message], max_weight: float) -> list[CappedWeight]:
+    """Bound each (accepted) upload's ``num-examples`` by ``max_weight`` x the median of the
+    round's, in place; returns the capped ones."""
+    counts = [int(_metrics(r)[WEIGHT_KEY]) for r in replies]
+    if not counts:
+        return []
+    cap = max(1, int(max_weight * statistics.median(counts)))
+    capped = []
+    for reply, count in zip(replies, counts):
+        if count > cap:
+            _metrics(reply)[WEIGHT_KEY] = cap
+            capped.append(CappedWeight(reply.metadata.src_node_id, count, cap))
+    return capped
+
+
 def screen(replies: list[Message], reference: dict[str, torch.Tensor],
-           max_update_norm: float | None = None, clip_norm: float | None = None
-           ) -> tuple[list[Message], list[Rejection]]:
-    """(accepted replies, rejections); accepted ones are clipped when ``clip_norm`` is set."""
+           max_update_norm: float | None = None, clip_norm: float | None = None,
+           max_weight: float | None = None
+           ) -> tuple[list[Message], list[Rejection], list[CappedWeight]]:
+    """(accepted replies, rejections, capped weights); accepted ones are clipped when
+    ``clip_norm`` is set and their weights bounded when ``max_weight`` is."""
     accepted, rejected = [], []
     for reply in replies:
         reason = check_upload(reply, reference, max_update_norm)
@@ -90,4 +122,5 @@ def screen(replies: list[Message], reference: dict[str, torch.Tensor],
         if clip_norm is not None:
             clip_upload(reply, reference, clip_norm)
         accepted.append(reply)
-    return accepted, rejected
+    capped = cap_weights(accepted, max_weight) if max_weight is not None else []
+    return accepted, rejected, capped

@@ -166,6 +166,23 @@ def test_strategy_families_end_to_end_with_corrupted_uploads(name, tmp_path):
     assert sum(r["clients_rejected"] for r in summary["rounds"]) > 0
 
 
+def test_a_data_owner_claiming_a_billion_examples_weighs_as_three_typical_ones(tmp_path,
+                                                                              monkeypatch):
+    monkeypatch.setattr(strategies.FedAvg, "flower_strategy_class", lambda self: RecordingFedAvg)
+    monkeypatch.setattr(RecordingFedAvg, "calls", [])
+    cfg = configs.load(None, {**BASE, "faults": {"inflated_count": 0.34, "seed": 4}})
+    summary = simulate(cfg, new_run_dir(cfg, tmp_path / "run"))
+    faults = cfg.faults.model_dump()
+    assert len(RecordingFedAvg.calls) == len(summary["rounds"]) == 2
+    for record, (uploads, _) in zip(summary["rounds"], RecordingFedAvg.calls):
+        liars = [who for who in range(3)
+                 if injected_fault(faults, record["round"], who) == "inflated_count"]
+        (capped,) = record["weights_capped"]
+        assert len(liars) == 1 and capped["announced"] == 10**9
+        weights = sorted(n for _, n in uploads)
+        assert weights[-1] == capped["used"] == 3 * weights[1]  # 3 x the round's median
+
+
 def test_report_renders_the_curves(crashing_run, capsys):
     from fl_offsite.cli import main
 

@@ -187,7 +187,7 @@ def malformed(kind: str) -> Message:
                                   "num-examples missing"])
 def test_a_malformed_upload_is_rejected_and_has_no_influence(kind):
     honest = [reply(i + 1, u, n) for i, (u, n) in enumerate(zip(UPLOADS, EXAMPLES))]
-    accepted, rejected = screen(honest + [malformed(kind)], CURRENT, max_update_norm=100.0)
+    accepted, rejected, _ = screen(honest + [malformed(kind)], CURRENT, max_update_norm=100.0)
     assert len(rejected) == 1 and rejected[0].node_id == 9
     assert kind.split()[0] in rejected[0].reason or kind.split()[-1] in rejected[0].reason
     strategy = strategies.FedAvg().build(5, 5)
@@ -197,10 +197,38 @@ def test_a_malformed_upload_is_rejected_and_has_no_influence(kind):
     assert all(torch.equal(a[k], b[k]) for k in KEYS)
 
 
+def fedavg_shift(uploads: list[tuple[dict, int]], max_weight: float | None) -> float:
+    """How far FedAvg of the screened ``(tensors, claimed examples)`` uploads moves from
+    CURRENT, as a fraction of a unit shift."""
+    replies = [reply(i + 1, tensors, n) for i, (tensors, n) in enumerate(uploads)]
+    accepted, _, _ = screen(replies, CURRENT, max_weight=max_weight)
+    arrays, _ = strategies.FedAvg().build(len(accepted), len(accepted)).aggregate_train(
+        1, accepted)
+    return float((arrays.to_torch_state_dict()["1.b"].double() - CURRENT["1.b"].double()).mean())
+
+
+def test_a_data_owner_lying_about_its_example_count_moves_fedavg_no_more_than_an_honest_one():
+    still, shifted = CURRENT, {k: v + 1.0 for k, v in CURRENT.items()}
+    others = [(still, 40), (still, 40), (still, 40)]
+    honest = fedavg_shift(others + [(shifted, 40)], max_weight=1.0)
+    liar = fedavg_shift(others + [(shifted, 10**9)], max_weight=1.0)
+    assert honest == pytest.approx(0.25) and liar <= honest + 1e-9
+    assert fedavg_shift(others + [(shifted, 10**9)], max_weight=3.0) == pytest.approx(0.5)
+    assert fedavg_shift(others + [(shifted, 10**9)], max_weight=None) > 0.999  # as announced
+
+
+def test_the_default_weight_cap_leaves_honest_unequal_counts_alone():
+    uploads = list(zip(UPLOADS[:4], [30, 40, 50, 90]))
+    replies = [reply(i + 1, u, n) for i, (u, n) in enumerate(uploads)]
+    accepted, _, capped = screen(replies, CURRENT, max_weight=strategies.FedAvg().max_weight)
+    assert not capped
+    assert [int(r.content["metrics"]["num-examples"]) for r in accepted] == [30, 40, 50, 90]
+
+
 def test_clipping_bounds_every_update_norm():
     big = reply(3, {k: CURRENT[k] + 10.0 for k in KEYS})
     small = reply(4, {k: CURRENT[k] + 0.001 for k in KEYS})
-    accepted, rejected = screen([big, small], CURRENT, clip_norm=1.0)
+    accepted, rejected, _ = screen([big, small], CURRENT, clip_norm=1.0)
     assert not rejected
     norms = []
     for r in accepted:

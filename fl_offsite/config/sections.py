@@ -46,6 +46,8 @@ class FaultsConfig(Section):
     nan_update: float = Field(0.0, ge=0.0, le=1.0, description="fraction of uploads with NaN")
     wrong_shape: float = Field(0.0, ge=0.0, le=1.0, description="fraction with a bad shape")
     huge_norm: float = Field(0.0, ge=0.0, le=1.0, description="fraction scaled by 1e6")
+    inflated_count: float = Field(0.0, ge=0.0, le=1.0, description="fraction claiming 10^9 "
+                                  "examples")
     hang: float = Field(0.0, ge=0.0, le=1.0, description="probability an owner sleeps past "
                                                         "the round timeout")
     die: float = Field(0.0, ge=0.0, le=1.0, description="probability an owner's worker "

@@ -148,7 +148,9 @@ def _training_items(task: dict, context: Context, processor) -> list:
     return _DATA[key]
 
 
-FAULT_KINDS = ("crash", "hang", "die", "nan_update", "wrong_shape", "huge_norm")
+FAULT_KINDS = ("crash", "hang", "die", "nan_update", "wrong_shape", "huge_norm",
+               "inflated_count")
+INFLATED_COUNT = 10**9  # what a lying data owner claims in the drill
 
 
 def injected_fault(faults: dict, server_round: int, who: int) -> str | None:
@@ -220,9 +222,10 @@ def train_adapter(msg: Message, context: Context) -> Message:
         from .privacy import privatize
         trained = trained.with_tensors(privatize(trained.tensors, global_tensors,
                                                  dp["clip_norm"], dp["noise_multiplier"]))
-    if fault is not None:
+    if fault in ("nan_update", "wrong_shape", "huge_norm"):
         trained = trained.with_tensors(_corrupt(trained.tensors, fault))
-    metrics = MetricRecord({"num-examples": len(items), "train_loss": stats["train_loss"],
+    claimed = INFLATED_COUNT if fault == "inflated_count" else len(items)
+    metrics = MetricRecord({"num-examples": claimed, "train_loss": stats["train_loss"],
                             "train_loss_last": stats["train_loss_last"],
                             "steps": stats["steps"], "seconds": time.time() - start,
                             **(_dpsgd_metrics(stats["dp"], dp["delta"], context)

@@ -92,7 +92,7 @@ class Federation:
         cfg, start = self.cfg, time.time()
         sampled, replies, ok, traffic, seconds_clients = self._train(rnd, current)
         secure = traffic["secure"]
-        valid, rejected = self._screen(rnd, ok, current, secure)
+        valid, rejected, capped = self._screen(rnd, ok, current, secure)
         updated = len(valid) >= cfg.min_clients and (secure is None or bool(secure.aggregate))
         previous = current
         if updated:
@@ -102,6 +102,9 @@ class Federation:
                                              protocol.record_tensors(aggregated).items()})
         record = self._record(rnd, current, previous, sampled, replies, ok, valid, rejected,
                               updated, traffic)
+        if capped:
+            record["weights_capped"] = [{"node": self.nodes.name(c.node_id), "announced":
+                                         c.announced, "used": c.used} for c in capped]
         if cfg.realign.every and rnd % cfg.realign.every == 0 and rnd < cfg.rounds:
             record["realign"] = _realign(self.owner, current, rnd, self.run_dir, cfg)
             current = replace(current, bundle_hash=self.owner.info.bundle_hash)
@@ -152,16 +155,21 @@ class Federation:
         return sampled, replies, ok, traffic, seconds_clients
 
     def _screen(self, rnd: int, ok: list, current, secure):
-        """(valid uploads, rejections); SecAgg+ leaves nothing to screen."""
+        """(valid uploads, rejections, capped weights); SecAgg+ leaves nothing to screen."""
         if secure:
-            return ok, []
+            return ok, [], []
         reference = protocol.record_tensors(protocol.adapter_record(current))
-        valid, rejected = screen(ok, reference, self.cfg.strategy.max_update_norm,
-                                 self.cfg.strategy.clip_norm)
+        strategy = self.cfg.strategy
+        valid, rejected, capped = screen(ok, reference, strategy.max_update_norm,
+                                         strategy.clip_norm, strategy.max_weight)
         for rejection in rejected:
             print(f"round {rnd}: rejected the upload of data owner "
                   f"{self.nodes.name(rejection.node_id)}: {rejection.reason}", flush=True)
-        return valid, rejected
+        for c in capped:
+            print(f"round {rnd}: data owner {self.nodes.name(c.node_id)} announced "
+                  f"{c.announced} examples, weighted as {c.used} (strategy.max_weight "
+                  f"{strategy.max_weight:g} x the round's median)", flush=True)
+        return valid, rejected, capped
 
     def _record(self, rnd, current, previous, sampled, replies, ok, valid, rejected, updated,
                 traffic) -> dict:
