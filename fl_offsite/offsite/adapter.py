@@ -207,3 +207,5 @@ def _merge_lora(blocks: torch.nn.ModuleList, indices) -> None:
                 parent_name, _, child = name.rpartition(".")
                 parent = blocks[index].get_submodule(parent_name) if parent_name else blocks[index]
                 setattr(parent, child, module.get_base_layer())
+        if hasattr(blocks[index], "peft_config"):  # left by inject_adapter_in_model
+            del blocks[index].peft_config
