@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from ..emulators import COMPRESSIONS, SELECTIONS
+from ..emulators.lowrank import LowRankCompression
 from ..emulators.pipeline import DistillConfig, SplitConfig
 from ..emulators.similarity import SimilaritySelection
 from ..errors import UserError
@@ -21,6 +22,7 @@ DISTILL_PREFIXED = ("data", "steps", "lr", "batch_size", "max_examples", "eval_e
                     "nmse", "mixed_precision")
 DISTILL_PLAIN = ("block_size", "kd_weight", "lm_weight", "layer_weight")
 LORA_FIELDS = ("lora_r", "lora_alpha", "lora_dropout")
+RANK_RATIO = LowRankCompression.model_fields["rank_ratio"].default
 
 
 def existing(path, flag: str):
@@ -56,10 +58,14 @@ def split_config(args) -> SplitConfig:
         selection["repeat_blocks"] = args.repeat_blocks
     distill = {**field_values(args, DISTILL_PREFIXED, "distill-"),
                **field_values(args, DISTILL_PLAIN), "seed": args.seed}
+    compression = {"name": args.compression} if args.compression else None
+    if args.compression == "lowrank":
+        compression.update(rank_ratio=args.rank_ratio, allocation=args.rank_allocation)
+    elif args.rank_allocation != "uniform" or args.rank_ratio != RANK_RATIO:
+        raise UserError("--rank-ratio/--rank-allocation: need --compression lowrank")
     return build_section("split", {
         **field_values(args, PLAN_FIELDS + SIZE_FIELDS), "selection": selection,
-        "distill": distill,
-        "compression": {"name": args.compression} if args.compression else None})
+        "distill": distill, "compression": compression})
 
 
 def train_config(args) -> TrainConfig:
@@ -214,7 +220,10 @@ def add_commands(sub) -> None:
                         "the representation most on --distill-data")
     add_fields(p, SimilaritySelection, ["repeat_blocks"])
     p.add_argument("--compression", choices=list(COMPRESSIONS),
-                   help="compress the emulator blocks (int8: 8-bit weights)")
+                   help="compress the emulator blocks (int8: 8-bit weights; lowrank: SVD "
+                        "factors of every linear layer)")
+    add_fields(p, LowRankCompression, ["rank_ratio"])
+    add_fields(p, LowRankCompression, ["allocation"], "rank-")
     p.add_argument("--dtype", **DTYPE)
     p.add_argument("--family", help=FAMILY_HELP)
     p.add_argument("--overwrite", action="store_true")

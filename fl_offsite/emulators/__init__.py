@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from ..registry import tagged_union
 from .int8 import Int8Compression
+from .lowrank import LowRankCompression
 from .similarity import SimilaritySelection
 from .uniform import UniformSelection
 
@@ -20,6 +21,7 @@ SELECTIONS = {
 
 COMPRESSIONS = {
     "int8": Int8Compression,
+    "lowrank": LowRankCompression,
 }
 
 Selection = tagged_union(SELECTIONS, default="uniform")

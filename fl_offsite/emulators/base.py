@@ -32,19 +32,28 @@ class Selection(Method):
 
 
 class Compression(Method):
-    bytes_per_weight: ClassVar[float]  # what a compressed linear weight costs in memory
     trainable: ClassVar[bool] = False  # can the emulator still be distilled afterwards?
+    own_suffixes: ClassVar[tuple[str, ...]] = ()  # tensor names it makes (not left in float)
 
-    def compress_block(self, block, state: dict) -> dict:
-        """``state`` (one block's tensors, shaped like ``block``) compressed."""
+    def weight_bytes(self, dtype_bytes: int) -> float:
+        """What a compressed linear weight costs in memory, per original weight."""
         raise NotImplementedError
 
-    @staticmethod
-    def left_uncompressed(state: dict) -> list[str]:
+    def fit(self, model, arch, plan, emulator: dict | None, public_items: list[dict] | None,
+            pad_id: int, log=None) -> dict:
+        """Settle per-block settings on the full model (and public data, if it
+        ``needs_public_data``) before any block is compressed; returns the record."""
+        return {}
+
+    def compress_block(self, block, state: dict, index: int | None = None) -> dict:
+        """``state`` (the tensors of block ``index``, shaped like ``block``) compressed."""
+        raise NotImplementedError
+
+    def left_uncompressed(self, state: dict) -> list[str]:
         """Weight matrices (2-D or more) of a compressed block state still in floating point:
         what the bundle's record must say the method did not cover (e.g. MoE experts)."""
         return sorted(k for k, v in state.items() if v.dim() >= 2 and v.is_floating_point()
-                      and not k.endswith("_scale"))
+                      and not k.endswith(self.own_suffixes))
 
     @classmethod
     def prepare_block(cls, block, state: dict) -> None:

@@ -108,9 +108,12 @@ def use_int8_layers(block: torch.nn.Module, state: dict[str, torch.Tensor]) -> N
 
 class Int8Compression(Compression):
     name: Literal["int8"] = "int8"
-    bytes_per_weight: ClassVar[float] = 1.0
+    own_suffixes: ClassVar[tuple[str, ...]] = (SCALE_SUFFIX,)
 
-    def compress_block(self, block, state):
+    def weight_bytes(self, dtype_bytes: int) -> float:
+        return 1.0
+
+    def compress_block(self, block, state, index=None):
         return quantize_block(block, state)
 
     @classmethod

@@ -53,15 +53,18 @@ class SplitConfig(_Section):
     @property
     def needs_full_model(self) -> bool:
         """Does making this emulator run the model (else its bundle is read in parts)?"""
-        return bool(self.distill.steps) or self.selection.needs_public_data
+        return bool(self.distill.steps) or any(m.needs_public_data for m in self._methods())
+
+    def _methods(self):
+        return [self.selection] + ([self.compression] if self.compression else [])
 
     @model_validator(mode="after")
     def _needs_public_data(self):
         if self.distill.data is None and (self.distill.steps or
-                                          self.selection.needs_public_data):
-            raise ValueError("distill.data is missing: distillation and similarity-based "
-                             "layer selection need public text (--distill-data, or "
-                             "split.distill.data in a config)")
+                                          any(m.needs_public_data for m in self._methods())):
+            raise ValueError("distill.data is missing: distillation, similarity-based "
+                             "layer selection and gradient-allocated compression need public "
+                             "text (--distill-data, or split.distill.data in a config)")
         return self
 
 
@@ -83,7 +86,7 @@ def public_items(cfg: DistillConfig, processor) -> tuple[list[dict], list[dict]]
 def make_emulator(model, processor, split: SplitConfig, log=None
                   ) -> tuple[LayerPlan, dict | None, dict]:
     """The plan, the emulator tensors (None: the model's own blocks) and a record of how
-    they were made. Compression is applied when the bundle is written."""
+    they were made. Compression is fitted here and applied when the bundle is written."""
     from ..models.families import resolve
     from .distill import distill, emulated_from_full
 
@@ -92,13 +95,16 @@ def make_emulator(model, processor, split: SplitConfig, log=None
     public = public_items(split.distill, processor) if split.distill.data else None
     plan, details = split.selection.plan(model, arch, split, public and public[0], pad_id)
     record = {"layer_selection": split.selection.name, **details}
-    if not split.distill.steps:
-        return plan, None, record
+    emulator = None
     d = split.distill
-    emulator, report = distill(model, emulated_from_full(model, arch, plan), arch, plan,
-                               public[0], public[1], d.steps, d.lr, d.batch_size, d.kd_weight,
-                               d.lm_weight, d.layer_weight, d.eval_every, d.seed, pad_id, log,
-                               autocast=d.mixed_precision == "bf16",
-                               per_token=d.nmse == "per_token")
-    record["distill"] = {"data": d.data, **report}
+    if d.steps:
+        emulator, report = distill(model, emulated_from_full(model, arch, plan), arch, plan,
+                                   public[0], public[1], d.steps, d.lr, d.batch_size,
+                                   d.kd_weight, d.lm_weight, d.layer_weight, d.eval_every,
+                                   d.seed, pad_id, log, autocast=d.mixed_precision == "bf16",
+                                   per_token=d.nmse == "per_token")
+        record["distill"] = {"data": d.data, **report}
+    if split.compression is not None:
+        record["compression"] = split.compression.fit(model, arch, plan, emulator,
+                                                      public and public[0], pad_id, log)
     return plan, emulator, record

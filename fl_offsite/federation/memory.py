@@ -140,7 +140,7 @@ def config_estimate(cfg) -> Estimate:
                      cfg.split.emulator_layers, cfg.split.drop_ratio)
     size = torch.finfo(DTYPES[cfg.dtype]).bits // 8
     compression = cfg.split.compression
-    per_weight = compression.bytes_per_weight if compression else size
+    per_weight = compression.weight_bytes(size) if compression else size
     middle = sum(block_params[i] for i in plan.emulator) * per_weight
     adapter = sum(block_params[i] for i in plan.adapter) * size
     estimate = Estimate(int(1.5 * (shared * size + middle + adapter)))

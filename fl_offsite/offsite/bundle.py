@@ -139,7 +139,7 @@ def write_bundle(model: torch.nn.Module, plan: LayerPlan, out_dir: str | Path,
     record = dict(record or {})
     if compression is not None:
         by_block = unkeyed(emulator)
-        compressed = {i: compression.compress_block(arch.blocks(model)[i], by_block[i])
+        compressed = {i: compression.compress_block(arch.blocks(model)[i], by_block[i], i)
                       for i in by_block}
         record["uncompressed"] = sorted({name for state in compressed.values()
                                          for name in compression.left_uncompressed(state)})

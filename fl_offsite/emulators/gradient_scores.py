@@ -1,0 +1,88 @@
+"""How much changing one emulator block disturbs the adapter's training signal, and a budgeted
+choice of changes from that (training-free; GradOT's criterion).
+
+The data owner only ever sees the emulator through the gradient it gives the adapter, so a
+compression that keeps that gradient keeps the adapter's training (and so the plug-in) intact.
+On public text the model owner takes the adapter's gradient through the emulated model, then
+through the same model with one block changed at each candidate setting, and reports their
+cosine. ``allocate`` then spends a parameter budget greedily where it buys the most cosine per
+parameter.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..models.families import resolve
+from ..offsite import adapter as adapters
+from ..training.data import collate
+
+
+def adapter_gradient(student, batches: list[dict]) -> torch.Tensor:
+    """The adapter's gradient of the mean task loss over ``batches``, flattened."""
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    student.zero_grad(set_to_none=True)
+    for batch in batches:
+        (student(**batch).loss / len(batches)).backward()
+    gradient = torch.cat([p.grad.flatten() for p in trainable])
+    student.zero_grad(set_to_none=True)
+    return gradient
+
+
+def gradient_scores(model, arch, plan, emulator: dict | None, items: list[dict], pad_id: int,
+                    candidates: list[float], change, batches: int = 4, log=None,
+                    batch_size: int = 8) -> dict[int, dict[float, float]]:
+    """{emulator block: {candidate: cosine of the adapter's gradient with that block changed
+    by ``change(block, state, candidate)`` vs unchanged}}."""
+    from .distill import emulated_from_full
+
+    student = emulated_from_full(model, arch, plan, emulator)
+    student_arch = resolve(student)
+    adapters.prepare(student, student_arch, plan.order, plan.adapter, "blocks")
+    data = [collate(items[i * batch_size:(i + 1) * batch_size], pad_id)
+            for i in range(min(batches, max(1, len(items) // batch_size)))]
+    reference = adapter_gradient(student, data)
+    blocks = student_arch.blocks(student)
+    scores: dict[int, dict[float, float]] = {}
+    for index in dict.fromkeys(plan.emulator):
+        block = blocks[plan.order.index(index)]  # a repeated block is one module
+        original = {k: v.detach().clone() for k, v in block.state_dict().items()}
+        scores[index] = {}
+        for candidate in candidates:
+            with torch.no_grad():
+                block.load_state_dict(change(block, original, candidate))
+            gradient = adapter_gradient(student, data)
+            scores[index][candidate] = float(torch.nn.functional.cosine_similarity(
+                gradient.double(), reference.double(), dim=0))
+        with torch.no_grad():
+            block.load_state_dict(original)
+        if log:
+            log(f"gradient score of block {index}: " + ", ".join(
+                f"{c:g}: {s:.4f}" for c, s in scores[index].items()))
+    student.requires_grad_(False)  # its adapter tensors are the full model's
+    return scores
+
+
+def allocate(scores: dict[int, dict[float, float]], costs: dict[int, dict[float, int]],
+             budget: float) -> dict[int, float]:
+    """Per block, the candidate to use: all start at the cheapest; the upgrade with the most
+    cosine gained per parameter is taken while the total cost stays within ``budget``."""
+    ladder = {i: sorted(by, key=lambda c: (costs[i][c], c)) for i, by in scores.items()}
+    step = {i: 0 for i in scores}
+    spent = sum(costs[i][ladder[i][0]] for i in scores)
+    while True:
+        best = None
+        for i, k in step.items():
+            if k + 1 == len(ladder[i]):
+                continue
+            low, high = ladder[i][k], ladder[i][k + 1]
+            extra = costs[i][high] - costs[i][low]
+            if spent + extra > budget:
+                continue
+            value = (scores[i][high] - scores[i][low]) / max(extra, 1)
+            if best is None or value > best[0]:
+                best = (value, i, extra)
+        if best is None:
+            return {i: ladder[i][k] for i, k in step.items()}
+        step[best[1]] += 1
+        spent += best[2]
