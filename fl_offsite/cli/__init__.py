@@ -7,13 +7,13 @@ import os
 import sys
 
 from ..errors import UserError
-from . import federated, offsite, reference
+from . import attack, federated, offsite, reference
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fl-offsite", description="Federated Offsite-Tuning")
     sub = parser.add_subparsers(dest="command", required=True)
-    for group in (offsite, reference, federated):
+    for group in (offsite, attack, reference, federated):
         group.add_commands(sub)
     return parser
 
