@@ -25,3 +25,15 @@ def test_scenario_scripts_start(script):
     proc = subprocess.run([sys.executable, str(script), "--help"], capture_output=True,
                           text=True, cwd=ROOT)
     assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr
+
+
+def test_offsite_runs_are_named_apart_from_simulate_runs(tmp_path, monkeypatch):
+    from fl_offsite.federation.runtime import new_run_dir
+
+    monkeypatch.chdir(tmp_path)
+    cfg = configs.load(ROOT / "configs" / "demo.yaml")
+    simulate_dir, offsite_dir = new_run_dir(cfg, None), new_run_dir(cfg, None, "offsite")
+    assert simulate_dir.parent == offsite_dir.parent == Path("runs")
+    assert simulate_dir.name.startswith(f"{cfg.name}-2") and \
+        offsite_dir.name.startswith(f"{cfg.name}-offsite-2")
+    assert (offsite_dir / "config.yaml").is_file()

@@ -9,7 +9,7 @@ OFFSITE_OVERRIDES = {"num_clients": 1, "clients_per_round": 1, "min_clients": 1,
                      "partition.name": "iid"}
 
 
-def _run(args, extra: dict | None = None) -> None:
+def _run(args, extra: dict | None = None, kind: str = "") -> None:
     from .. import config as configs
     from ..errors import UserError
     from ..fileio import atomic_write_bytes
@@ -32,7 +32,7 @@ def _run(args, extra: dict | None = None) -> None:
             raise UserError("--config: required (or --resume RUN_DIR)")
         cfg = configs.load(args.config, overrides, "--set")
         preflight(cfg)
-        run_dir = new_run_dir(cfg, args.out)
+        run_dir = new_run_dir(cfg, args.out, kind)
     summary = simulate(cfg, run_dir, verbose=args.verbose, resume=bool(args.resume))
     metric = summary["main_metric"]
     last = summary["rounds"][-1]["plugin"].get(metric)
@@ -45,7 +45,7 @@ def cmd_simulate(args) -> None:
 
 
 def cmd_offsite(args) -> None:
-    _run(args, OFFSITE_OVERRIDES)
+    _run(args, OFFSITE_OVERRIDES, kind="offsite")
 
 
 def cmd_report(args) -> None:
@@ -62,7 +62,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config key (dotted), e.g. --set rounds=2 --set "
                         "strategy.name=fedprox; repeatable")
-    p.add_argument("--out", type=Path, help="run directory (default runs/<name>-<timestamp>)")
+    p.add_argument("--out", type=Path, help="run directory (default runs/<name>-<timestamp>, "
+                                            "runs/<name>-offsite-<timestamp> for offsite)")
     p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
 
 

@@ -55,9 +55,11 @@ def _as_config_key(flag: str, key: str):
             from None
 
 
-def new_run_dir(cfg: configs.Config, out: str | Path | None) -> Path:
-    """A fresh run directory holding the resolved config (refuses to reuse a non-empty one)."""
-    run_dir = Path(out) if out else Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+def new_run_dir(cfg: configs.Config, out: str | Path | None, kind: str = "") -> Path:
+    """A fresh run directory holding the resolved config (refuses to reuse a non-empty one);
+    by default ``runs/<name>[-<kind>]-<timestamp>``."""
+    default = "-".join(filter(None, [cfg.name, kind, time.strftime("%Y%m%d-%H%M%S")]))
+    run_dir = Path(out) if out else Path("runs") / default
     if run_dir.exists() and any(run_dir.iterdir()):
         raise UserError(f"--out: {run_dir} already exists and is not empty; choose a new "
                         "run directory")
