@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import warnings
 
 import pytest
@@ -240,3 +241,24 @@ def test_fedprox_term_keeps_the_adapter_near_its_start(tmp_path):
         end = emulated.adapter().tensors
         distances[mu] = sum(float((end[k] - start[k]).pow(2).sum()) for k in start) ** 0.5
     assert distances[1e4] < 0.5 * distances[0.0]
+
+
+def test_half_precision_bundles_train_in_bfloat16_and_plug_into_their_dtype(tmp_path):
+    model = tiny_model("llama")
+    for dtype in (torch.float16, torch.bfloat16):
+        write_bundle(tiny_model("llama").to(dtype), make_plan(8, 2, 2, 2),
+                     tmp_path / str(dtype), "tiny")
+    emulated = EmulatedModel(tmp_path / str(torch.float16))
+    emulated.prepare("blocks")
+    with pytest.raises(UserError, match="float16 weights turns them to NaN.*--dtype float32"):
+        train(emulated.model, training_items(model), TrainConfig(max_steps=1, batch_size=4))
+    emulated = EmulatedModel(tmp_path / str(torch.bfloat16))
+    emulated.prepare("blocks")
+    stats = train(emulated.model, training_items(model), TrainConfig(max_steps=2, batch_size=4))
+    assert math.isfinite(stats["train_loss"])
+    trained = emulated.adapter()
+    with pytest.raises(UserError, match="bfloat16, the model is loaded as torch.float32; load "
+                                        "it with the bundle's --dtype"):
+        adapters.plug(tiny_model("llama"), resolve(model), trained)
+    plugged = adapters.plug(tiny_model("llama").to(torch.bfloat16), resolve(model), trained)
+    assert all(p.dtype == torch.bfloat16 for p in plugged.parameters())

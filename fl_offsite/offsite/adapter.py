@@ -181,6 +181,12 @@ def plug(full_model: torch.nn.Module, arch: Arch, adapter: Adapter) -> torch.nn.
     Fails if the adapter was made for another model (source hash) or does not fit it.
     """
     shared, _ = split_state(full_model, arch)
+    dtypes = {t.dtype for t in adapter.tensors.values() if t.is_floating_point()}
+    model_dtype = next(t.dtype for t in shared.values() if t.is_floating_point())
+    if dtypes and dtypes != {model_dtype}:  # the source hash covers dtypes: say this first
+        raise UserError(f"--adapter: its tensors are {', '.join(sorted(map(str, dtypes)))}, "
+                        f"the model is loaded as {model_dtype}; load it with the bundle's "
+                        "--dtype")
     if tensors_hash(shared) != adapter.source_hash:
         raise UserError("--adapter: was trained on a bundle of a different model (source hash "
                         "mismatch); plug it into the model its bundle was built from")

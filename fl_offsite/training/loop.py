@@ -28,6 +28,10 @@ def train(model: torch.nn.Module, items: list[dict], cfg: TrainConfig, pad_id: i
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise UserError("tuning: nothing to train (no trainable parameters)")
+    if any(p.dtype == torch.float16 for p in params):
+        raise UserError("dtype: the weights to train are float16, and AdamW on float16 weights "
+                        "turns them to NaN within a step; build the bundle (or load the model) "
+                        "with --dtype float32, or bfloat16")
     if not items:
         raise UserError("data: the training split is empty")
     set_seed(seed)
