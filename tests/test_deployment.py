@@ -113,84 +113,111 @@ def _split_devil(base: Path, size: int = 160) -> list[Path]:
     return dirs
 
 
-def test_deployment_with_tls_and_supernode_auth():
-    base = Path(tempfile.mkdtemp(prefix="flo-dep-"))  # short paths for sockets and logs
-    certs = base / "certs"  # node-3's key is never registered
-    subprocess.run([sys.executable, "simulations/make_certs.py", "--out", str(certs), "--nodes",
-                    "3", "--host", "127.0.0.1", "--host", "localhost"], cwd=ROOT, check=True,
-                   capture_output=True, timeout=60)
-    ca = str(certs / "ca.crt")
-    port = _free_port()
-    superlink = f"127.0.0.1:{port}"
-    out = base / "run"
-    (base / "tmp").mkdir()
-    # the apps import fl_offsite: PYTHONPATH makes that independent of each process's cwd
-    env = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-           "TMPDIR": str(base / "tmp"),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
-                                                       os.environ.get("PYTHONPATH")]))}
-    homes = {name: base / f"home-{name}" for name in ("link", "1", "2", "3")}
-    for home in homes.values():
-        home.mkdir()
-    # the `flwr` CLI's SuperLink connection, in the model owner's Flower home
-    (homes["link"] / "config.toml").write_text(
-        f'[superlink]\ndefault = "deploy"\n\n[superlink.deploy]\naddress = "{superlink}"\n'
-        f'root-certificates = "{ca}"\n')
-    link_env = {**env, "FLWR_HOME": str(homes["link"])}
-    procs = Processes(base, link_env)
-    try:
-        link = procs.start("superlink", [
-            "flower-superlink", "--ssl-ca-certfile", ca, "--ssl-certfile",
-            str(certs / "server.pem"), "--ssl-keyfile", str(certs / "server.key"),
-            "--enable-supernode-auth", "--port", str(port)])
-        _wait_for_port(port, link)
-        for i in (1, 2):
-            reg = subprocess.run(["flwr", "supernode", "register", str(certs / f"node-{i}.pub"),
-                                  "deploy"], cwd=ROOT, env=link_env, capture_output=True,
-                                 text=True, timeout=120)
+class Deployment:
+    """A SuperLink with TLS and SuperNode authentication on this host, the README's commands:
+    certificates, registered node keys, a Flower home per process; stopped by PID."""
+
+    def __init__(self, nodes: int = 3):
+        self.base = Path(tempfile.mkdtemp(prefix="flo-dep-"))  # short paths for sockets, logs
+        self.certs = self.base / "certs"
+        subprocess.run([sys.executable, "simulations/make_certs.py", "--out", str(self.certs),
+                        "--nodes", str(nodes), "--host", "127.0.0.1", "--host", "localhost"],
+                       cwd=ROOT, check=True, capture_output=True, timeout=60)
+        self.ca = str(self.certs / "ca.crt")
+        self.port = _free_port()
+        self.superlink = f"127.0.0.1:{self.port}"
+        (self.base / "tmp").mkdir()
+        # the apps import fl_offsite: PYTHONPATH makes that independent of each process's cwd
+        self.env = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+                    "TMPDIR": str(self.base / "tmp"),
+                    "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
+                                                                os.environ.get("PYTHONPATH")]))}
+        self.homes = {name: self.base / f"home-{name}" for name in
+                      ["link", *map(str, range(1, nodes + 1))]}
+        for home in self.homes.values():
+            home.mkdir()
+        # the `flwr` CLI's SuperLink connection, in the model owner's Flower home
+        (self.homes["link"] / "config.toml").write_text(
+            f'[superlink]\ndefault = "deploy"\n\n[superlink.deploy]\naddress = '
+            f'"{self.superlink}"\nroot-certificates = "{self.ca}"\n')
+        self.link_env = {**self.env, "FLWR_HOME": str(self.homes["link"])}
+        self.procs = Processes(self.base, self.link_env)
+
+    def start_superlink(self, registered=(1, 2)) -> None:
+        link = self.procs.start("superlink", [
+            "flower-superlink", "--ssl-ca-certfile", self.ca, "--ssl-certfile",
+            str(self.certs / "server.pem"), "--ssl-keyfile", str(self.certs / "server.key"),
+            "--enable-supernode-auth", "--port", str(self.port)])
+        _wait_for_port(self.port, link)
+        for i in registered:
+            reg = subprocess.run(["flwr", "supernode", "register",
+                                  str(self.certs / f"node-{i}.pub"), "deploy"], cwd=ROOT,
+                                 env=self.link_env, capture_output=True, text=True, timeout=120)
             assert reg.returncode == 0 and "registered successfully" in reg.stdout, \
                 reg.stdout + reg.stderr
 
-        def supernode(i: int, *extra: str, name: str = "") -> subprocess.Popen:
-            node_config = (f"data-path='{base / f'data-{i}'}' node-name='owner-{i}' "
-                           f"cache-dir='{base / f'cache-{i}'}'")
-            return procs.start(name or f"supernode-{i}", [
-                "flower-supernode", "--superlink", superlink, *extra,
-                "--node-config", node_config, "--port", str(_free_port())],
-                env={**env, "FLWR_HOME": str(homes[str(i)]), "OMP_NUM_THREADS": "1"})
+    def supernode(self, i: int, *extra: str, name: str = "", data: Path | None = None
+                  ) -> subprocess.Popen:
+        node_config = (f"data-path='{data or self.base / f'data-{i}'}' node-name='owner-{i}' "
+                       f"cache-dir='{self.base / f'cache-{i}'}'")
+        return self.procs.start(name or f"supernode-{i}", [
+            "flower-supernode", "--superlink", self.superlink, *extra,
+            "--node-config", node_config, "--port", str(_free_port())],
+            env={**self.env, "FLWR_HOME": str(self.homes[str(i)]), "OMP_NUM_THREADS": "1"})
 
+    def trusted_supernode(self, i: int, **kwargs) -> subprocess.Popen:
+        return self.supernode(i, "--root-certificates", self.ca,
+                              "--auth-supernode-private-key", str(self.certs / f"node-{i}"),
+                              **kwargs)
+
+    def run(self, run_config: str, timeout: float) -> dict:
+        """``flwr run . deploy``; the run's summary.json."""
+        out = self.base / "run"
+        try:
+            run = subprocess.run(
+                ["flwr", "run", ".", "deploy", "--stream", "--run-config",
+                 f"{run_config} out='{out}'"],
+                cwd=ROOT, env=self.link_env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            raise AssertionError(f"flwr run timed out:\n{(exc.stdout or b'')[-3000:]!r}\n"
+                                 f"{self.procs.tails()}") from None
+        logs = run.stdout + run.stderr
+        assert (out / "summary.json").is_file(), logs[-3000:] + self.procs.tails()
+        return json.loads((out / "summary.json").read_text())
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        leftovers = self.procs.stop_all()
+        shutil.rmtree(self.base, ignore_errors=True)
+        assert not leftovers, leftovers
+
+
+def test_deployment_with_tls_and_supernode_auth():
+    with Deployment() as dep:
+        dep.start_superlink()
         # refused: an unregistered key, and a node that does not trust the SuperLink's CA
-        unregistered = supernode(3, "--root-certificates", ca,
-                                 "--auth-supernode-private-key", str(certs / "node-3"))
-        no_ca = supernode(3, "--auth-supernode-private-key", str(certs / "node-3"),
-                          name="supernode-3-no-ca")
+        unregistered = dep.supernode(3, "--root-certificates", dep.ca,
+                                     "--auth-supernode-private-key", str(dep.certs / "node-3"))
+        no_ca = dep.supernode(3, "--auth-supernode-private-key", str(dep.certs / "node-3"),
+                              name="supernode-3-no-ca")
         for name, proc in (("supernode-3", unregistered), ("supernode-3-no-ca", no_ca)):
             try:
                 code = proc.wait(timeout=90)
             except subprocess.TimeoutExpired:
-                raise AssertionError(f"{name} was not refused:\n{procs.tails()}") from None
-            assert code != 0, procs.log(name)
-            assert "Failed to initialize the connection to the SuperLink" in procs.log(name), \
-                procs.log(name)
-        assert "Failed to activate SuperNode" in procs.log("supernode-3")  # [code: 2004]
-        assert "certificate" in procs.log("supernode-3-no-ca").lower()  # TLS verification
+                raise AssertionError(f"{name} was not refused:\n{dep.procs.tails()}") from None
+            assert code != 0, dep.procs.log(name)
+            assert "Failed to initialize the connection to the SuperLink" in \
+                dep.procs.log(name), dep.procs.log(name)
+        assert "Failed to activate SuperNode" in dep.procs.log("supernode-3")  # [code: 2004]
+        assert "certificate" in dep.procs.log("supernode-3-no-ca").lower()  # TLS verification
 
-        _split_devil(base)
+        _split_devil(dep.base)
         for i in (1, 2):
-            supernode(i, "--root-certificates", ca,
-                      "--auth-supernode-private-key", str(certs / f"node-{i}"))
-        try:
-            run = subprocess.run(
-                ["flwr", "run", ".", "deploy", "--stream", "--run-config",
-                 f"rounds=2 num_clients=2 clients_per_round=2 bundle_transport='message' "
-                 f"out='{out}'"],
-                cwd=ROOT, env=link_env, capture_output=True, text=True, timeout=420)
-        except subprocess.TimeoutExpired as exc:
-            raise AssertionError(f"flwr run timed out:\n{(exc.stdout or b'')[-3000:]!r}\n"
-                                 f"{procs.tails()}") from None
-        logs = run.stdout + run.stderr
-        assert (out / "summary.json").is_file(), logs[-3000:] + procs.tails()
-        summary = json.loads((out / "summary.json").read_text())
+            dep.trusted_supernode(i)
+        summary = dep.run("rounds=2 num_clients=2 clients_per_round=2 "
+                          "bundle_transport='message'", timeout=420)
         assert [r["round"] for r in summary["rounds"]] == [1, 2]
         for record in summary["rounds"]:
             assert record["clients_ok"] == 2, record
@@ -198,8 +225,52 @@ def test_deployment_with_tls_and_supernode_auth():
             assert record["plugin"]["ppl"] < summary["zero_shot"]["ppl"], record
         assert [r["bundles_sent"] for r in summary["rounds"]] == [2, 0]
         for i in (1, 2):  # the bundle came by message into each node's own cache
-            assert list((base / f"cache-{i}" / "bundles").iterdir()), procs.tails()
-    finally:
-        leftovers = procs.stop_all()
-        shutil.rmtree(base, ignore_errors=True)
-    assert not leftovers, leftovers
+            assert list((dep.base / f"cache-{i}" / "bundles").iterdir()), dep.procs.tails()
+
+
+def big_checkpoint(path: Path, hidden: int = 1536) -> int:
+    """A LLaMA-shaped checkpoint built from a config (8 blocks, the packaged reference model's
+    tokenizer), written tensor by tensor; returns its parameter count."""
+    import torch
+    import transformers as T
+    from accelerate import init_empty_weights
+    from safetensors.torch import save_file
+
+    tokenizer = ROOT / "fl_offsite" / "zoo" / "ref-opt"
+    config = T.LlamaConfig(vocab_size=json.loads((tokenizer / "config.json").read_text())
+                           ["vocab_size"], hidden_size=hidden, intermediate_size=hidden * 11 // 4,
+                           num_hidden_layers=8, num_attention_heads=hidden // 64,
+                           num_key_value_heads=hidden // 64, tie_word_embeddings=False,
+                           pad_token_id=1, bos_token_id=2, eos_token_id=2)
+    with init_empty_weights():
+        skeleton = T.AutoModelForCausalLM.from_config(config)
+    path.mkdir(parents=True)
+    config.save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer / name, path / name)
+    generator = torch.Generator().manual_seed(0)
+    state = {name: (torch.randn(p.shape, generator=generator) * (0.02 if p.dim() > 1 else 0.0)
+                    + (1.0 if p.dim() == 1 else 0.0)) for name, p in skeleton.state_dict().items()}
+    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+    return sum(t.numel() for t in state.values())
+
+
+def test_a_bundle_of_hundreds_of_megabytes_crosses_a_tls_superlink():
+    """The bundle travels inside Flower messages through the SuperLink to two SuperNodes."""
+    with Deployment(nodes=2) as dep:
+        params = big_checkpoint(dep.base / "model")
+        dep.start_superlink()
+        _split_devil(dep.base, size=16)
+        for i in (1, 2):
+            dep.trusted_supernode(i)
+        summary = dep.run(f"model='{dep.base / 'model'}' rounds=1 num_clients=2 "
+                          "clients_per_round=2 bundle_transport='message' "
+                          "train.max_steps=1 train.batch_size=2 data.block_size=32 "
+                          "data.max_eval_examples=4", timeout=900)
+        (record,) = summary["rounds"]
+        assert summary["bundle"]["bytes"] >= 600 * 2**20, summary["bundle"]
+        assert record["clients_ok"] == 2 and record["bundles_sent"] == 2, record
+        for i in (1, 2):
+            (cached,) = (dep.base / f"cache-{i}" / "bundles").iterdir()
+            assert sum(f.stat().st_size for f in cached.iterdir()) >= 600 * 2**20
+        assert params > 150e6

@@ -126,7 +126,6 @@ class LowRankCompression(Compression):
 
     own_suffixes: ClassVar[tuple[str, ...]] = FACTORS
     _ratios: dict[int, float] = PrivateAttr(default_factory=dict)
-    _scores: dict[int, dict[float, float]] = PrivateAttr(default_factory=dict)
 
     @property
     def needs_public_data(self) -> bool:
@@ -151,18 +150,18 @@ class LowRankCompression(Compression):
         layers = {i: [tuple(as_linear_weight(m, m.weight).shape)
                       for _, m in _linear_layers(arch.blocks(model)[i])]
                   for i in dict.fromkeys(plan.emulator)}
-        self._scores = gradient_scores(model, arch, plan, emulator, public_items, pad_id,
-                                       sorted(self.candidates), approximated_block,
-                                       self.score_batches, log)
+        scores = gradient_scores(model, arch, plan, emulator, public_items, pad_id,
+                                 sorted(self.candidates), approximated_block,
+                                 self.score_batches, log)
         costs = {i: {r: sum(factor_cost(s, r) for s in shapes) for r in self.candidates}
                  for i, shapes in layers.items()}
         budget = sum(factor_cost(s, self.rank_ratio) for shapes in layers.values()
                      for s in shapes)
-        self._ratios = allocate(self._scores, costs, budget)
+        self._ratios = allocate(scores, costs, budget)
         return {"rank_ratio": self.rank_ratio, "ratios": {str(i): r for i, r in
                                                           self._ratios.items()},
                 "gradient_cosine": {str(i): {str(r): round(c, 5) for r, c in by.items()}
-                                    for i, by in self._scores.items()}}
+                                    for i, by in scores.items()}}
 
     def compress_block(self, block, state, index=None):
         return factorize_block(block, state, self._ratios.get(index, self.rank_ratio))
