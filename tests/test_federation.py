@@ -183,6 +183,21 @@ def test_a_data_owner_claiming_a_billion_examples_weighs_as_three_typical_ones(t
         assert weights[-1] == capped["used"] == 3 * weights[1]  # 3 x the round's median
 
 
+def test_plug_in_is_evaluated_every_n_rounds_and_after_the_last(tmp_path, capsys):
+    from fl_offsite.federation.report import render
+
+    cfg = configs.load(None, {**BASE, "rounds": 3, "eval_every": 2,
+                              "train": {"lr": 0.002, "max_steps": 1, "batch_size": 4}})
+    run_dir = new_run_dir(cfg, tmp_path / "run")
+    summary = simulate(cfg, run_dir)
+    assert [bool(r["plugin"]) for r in summary["rounds"]] == [False, True, True]
+    assert [bool(r["emulator"]) for r in summary["rounds"]] == [False, True, True]
+    printed = [line for line in capsys.readouterr().out.splitlines() if "round " in line]
+    assert "plug-in" not in next(line for line in printed if line.startswith("round 1/3"))
+    assert "plug-in ppl" in next(line for line in printed if line.startswith("round 2/3"))
+    assert len(render(run_dir)) == 3
+
+
 def test_report_renders_the_curves(crashing_run, capsys):
     from fl_offsite.cli import main
 

@@ -37,6 +37,8 @@ class Config(Section):
     bundle_transport: Literal["shared-path", "message"] = "shared-path"
     keep_checkpoints: int = Field(2, ge=1)
     evaluate_emulator: bool = True
+    eval_every: int = Field(1, ge=1, description="evaluate plug-in (and the emulator) every N "
+                            "rounds and after the last")
     ray_address: str | None = Field(None, description="attach to a running Ray cluster")
     split: SplitConfig = SplitConfig()
     data: DataConfig

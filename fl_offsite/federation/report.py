@@ -37,11 +37,13 @@ def render(run_dir: Path) -> list[Path]:
         outputs.append(run_dir / name)
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(steps, [summary["zero_shot"][metric]] + [r["plugin"][metric] for r in rounds],
+    evaluated = [r for r in rounds if r["plugin"]]  # every eval_every rounds, and the last
+    ax.plot([0] + [r["round"] for r in evaluated],
+            [summary["zero_shot"][metric]] + [r["plugin"][metric] for r in evaluated],
             "o-", label="plug-in (full model + adapter)")
-    if all(r["emulator"] for r in rounds):
-        ax.plot(steps, [summary["emulator_zero_shot"][metric]] +
-                [r["emulator"][metric] for r in rounds], "s--", label="emulator + adapter")
+    if all(r["emulator"] for r in evaluated):
+        ax.plot([0] + [r["round"] for r in evaluated], [summary["emulator_zero_shot"][metric]] +
+                [r["emulator"][metric] for r in evaluated], "s--", label="emulator + adapter")
     ax.axhline(summary["zero_shot"][metric], color="gray", linestyle=":", label="zero-shot")
     ax.set(xlabel="round", ylabel=metric, title="Plug-in vs emulator vs zero-shot")
     ax.legend()

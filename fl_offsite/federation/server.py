@@ -174,11 +174,12 @@ class Federation:
     def _record(self, rnd, current, previous, sampled, replies, ok, valid, rejected, updated,
                 traffic) -> dict:
         name = self.nodes.name
+        evaluated = rnd % self.cfg.eval_every == 0 or rnd == self.cfg.rounds
         record = {
             "round": rnd,
-            "plugin": self.owner.plugin_metrics(current),
-            "emulator": self.owner.emulator_metrics(current) if self.cfg.evaluate_emulator
-            else {},
+            "plugin": self.owner.plugin_metrics(current) if evaluated else {},
+            "emulator": self.owner.emulator_metrics(current)
+            if evaluated and self.cfg.evaluate_emulator else {},
             "clients_sampled": len(sampled),
             "clients_ok": len(valid),
             "clients_failed": len(sampled) - len(ok),

@@ -95,12 +95,13 @@ class RunLog:
         self.writer.flush()
         self.summary["rounds"].append(record)
         self.save()
-        main = record["plugin"].get(self.metric, float("nan"))
         emu = record["emulator"].get(self.metric, float("nan"))
         rejected = f", {record['clients_rejected']} rejected" if record["clients_rejected"] else ""
+        plugin = (f"plug-in {self.metric} {record['plugin'][self.metric]:.4g} (zero-shot "
+                  f"{self.summary['zero_shot'].get(self.metric, float('nan')):.4g}) | "
+                  if record["plugin"] else "")
         print(f"round {step}/{total_rounds}: clients {record['clients_ok']} ok, "
-              f"{record['clients_failed']} failed{rejected} | plug-in {self.metric} {main:.4g} "
-              f"(zero-shot {self.summary['zero_shot'].get(self.metric, float('nan')):.4g}) | "
+              f"{record['clients_failed']} failed{rejected} | {plugin}"
               + (f"emulator {self.metric} {emu:.4g} | " if record["emulator"] else "")
               + f"{record['seconds']:.1f}s"
               + ("" if record["updated"] else " | adapter kept (too few valid uploads)"),
