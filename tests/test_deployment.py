@@ -263,10 +263,13 @@ def test_a_bundle_of_hundreds_of_megabytes_crosses_a_tls_superlink():
         _split_devil(dep.base, size=16)
         for i in (1, 2):
             dep.trusted_supernode(i)
-        summary = dep.run(f"model='{dep.base / 'model'}' rounds=1 num_clients=2 "
-                          "clients_per_round=2 bundle_transport='message' "
-                          "train.max_steps=1 train.batch_size=2 data.block_size=32 "
-                          "data.max_eval_examples=4", timeout=900)
+        config = dep.base / "big.yaml"  # keys beyond pyproject's run config go in a YAML
+        config.write_text(f"name: big\nmodel: {dep.base / 'model'}\nsplit: {{emulator_layers: 2}}"
+                          "\ndata: {path: fl-offsite/devil, block_size: 32, "
+                          "max_eval_examples: 4}\ntrain: {max_steps: 1, batch_size: 2}\n"
+                          "evaluate_emulator: false\n")
+        summary = dep.run(f"config='{config}' rounds=1 num_clients=2 clients_per_round=2 "
+                          "bundle_transport='message'", timeout=900)
         (record,) = summary["rounds"]
         assert summary["bundle"]["bytes"] >= 600 * 2**20, summary["bundle"]
         assert record["clients_ok"] == 2 and record["bundles_sent"] == 2, record
