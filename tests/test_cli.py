@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -154,3 +155,15 @@ def test_console_script_exit_code_and_help():
     for command in ("emulator", "train", "plug", "evaluate", "simulate", "offsite", "report"):
         proc = subprocess.run(["fl-offsite", command, "--help"], capture_output=True, text=True)
         assert proc.returncode == 0 and "usage: fl-offsite" in proc.stdout
+
+
+def test_a_bad_config_is_refused_before_torch_flower_or_datasets_load():
+    """What makes a refusal take seconds is importing the heavy libraries: none is needed."""
+    check = ("import sys; from fl_offsite.cli import main; "
+             f"code = main(['simulate', '--config', {DEMO_CONFIG!r}, '--set', 'rounds=0']); "
+             "print(code, sorted(m for m in ('torch', 'flwr', 'datasets', 'transformers', 'ray') "
+             "if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.stdout.split("\n")[0] == "2 []", proc.stdout + proc.stderr
+    assert "--set rounds" in proc.stderr

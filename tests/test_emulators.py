@@ -15,7 +15,8 @@ from fl_offsite.emulators.distill import Objective, distill, emulated_from_full,
 from fl_offsite.offsite.emulated import EmulatedModel
 from fl_offsite.emulators.similarity import select_layers, similarity_plan
 from fl_offsite.offsite.plan import make_plan
-from fl_offsite.emulators.int8 import Int8Compression, Int8Linear
+from fl_offsite.emulators.int8 import Int8Compression
+from fl_offsite.emulators.int8_layers import Int8Linear
 from fl_offsite.training.config import TrainConfig
 from fl_offsite.training.loop import train
 

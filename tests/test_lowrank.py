@@ -11,7 +11,8 @@ import torch
 from conftest import model_inputs, tiny_model, training_items
 from fl_offsite.cli import main
 from fl_offsite.emulators.gradient_scores import allocate
-from fl_offsite.emulators.lowrank import LowRankCompression, LowRankLinear, approximated_block
+from fl_offsite.emulators.lowrank import LowRankCompression
+from fl_offsite.emulators.lowrank_layers import LowRankLinear, approximated_block
 from fl_offsite.fileio import load_tensors
 from fl_offsite.models.families import resolve
 from fl_offsite.offsite.bundle import (build_emulated_model, emulated_config, split_state,

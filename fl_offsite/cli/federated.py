@@ -12,26 +12,29 @@ OFFSITE_OVERRIDES = {"num_clients": 1, "clients_per_round": 1, "min_clients": 1,
 def _run(args, extra: dict | None = None, kind: str = "") -> None:
     from .. import config as configs
     from ..errors import UserError
-    from ..fileio import atomic_write_bytes
-    from ..federation.runtime import check_resumable, new_run_dir, preflight, resume_config
-    from ..federation.simulation import simulate
 
     overrides = dict(configs.parse_override(o) for o in args.set or [])
     overrides.update(extra or {})
     if args.resume:
         if args.config or args.out:
             raise UserError("--resume: takes the run directory's own config; drop "
-                                    "--config/--out (use --set to change e.g. rounds)")
-        run_dir = args.resume
-        cfg = resume_config(run_dir, overrides)
-        preflight(cfg)
-        check_resumable(run_dir, cfg)
-        atomic_write_bytes(run_dir / "config.yaml", configs.dump(cfg).encode())
+                            "--config/--out (use --set to change e.g. rounds)")
+        from ..federation.runtime import resume_config
+        cfg = resume_config(args.resume, overrides)
     else:
         if not args.config:
             raise UserError("--config: required (or --resume RUN_DIR)")
-        cfg = configs.load(args.config, overrides, "--set")
-        preflight(cfg)
+        cfg = configs.load(args.config, overrides, "--set")  # refused here in about a second
+    from ..federation.runtime import check_resumable, new_run_dir, preflight
+    from ..federation.simulation import simulate
+    from ..fileio import atomic_write_bytes
+
+    preflight(cfg)
+    if args.resume:
+        run_dir = args.resume
+        check_resumable(run_dir, cfg)
+        atomic_write_bytes(run_dir / "config.yaml", configs.dump(cfg).encode())
+    else:
         run_dir = new_run_dir(cfg, args.out, kind)
     summary = simulate(cfg, run_dir, verbose=args.verbose, resume=bool(args.resume))
     metric = summary["main_metric"]

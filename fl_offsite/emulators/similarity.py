@@ -17,12 +17,9 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-import numpy as np
-import torch
 from pydantic import Field
 
 from ..offsite.plan import LayerPlan, make_plan
-from ..training.data import collate
 from .base import Selection
 
 
@@ -34,22 +31,27 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(cross / ((x.T @ x).norm() * (y.T @ y).norm()).clamp(min=1e-30))
 
 
-@torch.no_grad()
 def boundary_states(model, items: list[dict], first: int, last: int, max_tokens: int = 4096,
                     seed: int = 0, batch_size: int = 8, pad_id: int = 0) -> list[torch.Tensor]:
     """Hidden states at the inputs of blocks ``first..last`` and the output of ``last``
     (``last - first + 2`` matrices of sampled, unpadded tokens)."""
+    import numpy as np
+    import torch
+
+    from ..training.data import collate
+
     states: list[list[torch.Tensor]] = [[] for _ in range(last - first + 2)]
-    for start in range(0, len(items), batch_size):
-        batch = collate(items[start:start + batch_size], pad_id)
-        batch.pop("labels")
-        hidden = model(**batch, output_hidden_states=True).hidden_states
-        mask = batch.get("attention_mask")
-        for slot, h in enumerate(hidden[first:last + 2]):
-            tokens = h.reshape(-1, h.shape[-1]) if mask is None else h[mask.bool()]
-            states[slot].append(tokens.float())
-        if sum(len(t) for t in states[0]) >= 4 * max_tokens:
-            break
+    with torch.no_grad():
+        for start in range(0, len(items), batch_size):
+            batch = collate(items[start:start + batch_size], pad_id)
+            batch.pop("labels")
+            hidden = model(**batch, output_hidden_states=True).hidden_states
+            mask = batch.get("attention_mask")
+            for slot, h in enumerate(hidden[first:last + 2]):
+                tokens = h.reshape(-1, h.shape[-1]) if mask is None else h[mask.bool()]
+                states[slot].append(tokens.float())
+            if sum(len(t) for t in states[0]) >= 4 * max_tokens:
+                break
     stacked = [torch.cat(s) for s in states]
     picked = torch.from_numpy(np.sort(np.random.default_rng(seed).permutation(
         len(stacked[0]))[:max_tokens]))
