@@ -75,11 +75,14 @@ def test_image_classification_accuracy(tmp_path):
     task = data.prepare(str(path), "test", processor)
     assert task.kind == "image"
     metrics = evaluate(model, task, processor)
+    labels = torch.tensor([r["label"] for r in rows])
     with torch.no_grad():
         pixels = torch.stack([it["pixel_values"] for it in task.train_items])
-        predicted = model(pixel_values=pixels).logits.argmax(-1)
-    expected = float((predicted == torch.tensor([r["label"] for r in rows])).float().mean())
+        logits = model(pixel_values=pixels).logits
+    expected = float((logits.argmax(-1) == labels).float().mean())
     assert metrics["acc"] == pytest.approx(expected)
+    assert metrics["loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, labels)),
+                                            rel=1e-5)
 
 
 def test_lm_eval_adapter_scores_like_the_direct_computation(opt):

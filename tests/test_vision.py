@@ -16,13 +16,17 @@ from fl_offsite.reference import vision, vit
 from fl_offsite.offsite.adapter import plug
 from fl_offsite.models.families import resolve
 from fl_offsite.offsite.emulated import EmulatedModel
-from fl_offsite.training.evaluate import classification_accuracy
+from fl_offsite.training.evaluate import classification_metrics
 from fl_offsite.models.loading import load_model, load_processor
 from fl_offsite.offsite.owner import build_bundle
 from fl_offsite.training.config import TrainConfig
 from fl_offsite.training.loop import train
 
 SPLITS = ("train", "validation", "test")
+
+
+def accuracy(model, items) -> float:
+    return classification_metrics(model, items)["acc"]
 
 
 def rows(name: str, split: str) -> list[dict]:
@@ -89,20 +93,20 @@ def test_reference_vit_knows_the_labels_and_is_above_chance_zero_shot(digits):
     model = load_model("fl-offsite/ref-vit")
     assert model.config.id2label == {i: str(i) for i in range(10)}
     assert len(resolve(model).blocks(model)) == 12
-    assert 0.3 < classification_accuracy(model, test.train_items) < 0.85
+    assert 0.3 < accuracy(model, test.train_items) < 0.85
 
 
 def test_short_offsite_tuning_beats_zero_shot(digits, tmp_path):
     processor, train_data, test = digits
-    zero_shot = classification_accuracy(load_model("fl-offsite/ref-vit"), test.train_items)
+    zero_shot = accuracy(load_model("fl-offsite/ref-vit"), test.train_items)
     build_bundle("fl-offsite/ref-vit", tmp_path / "bundle")
     emulated = EmulatedModel(tmp_path / "bundle")
-    emulator_zero_shot = classification_accuracy(emulated.model, test.train_items)
+    emulator_zero_shot = accuracy(emulated.model, test.train_items)
     emulated.prepare("blocks", seed=0)
     train(emulated.model, train_data.train_items,
           TrainConfig(lr=1e-3, max_steps=60, batch_size=16), seed=0)
     full = load_model("fl-offsite/ref-vit")
-    plugged = classification_accuracy(plug(full, resolve(full), emulated.adapter()),
+    plugged = accuracy(plug(full, resolve(full), emulated.adapter()),
                                       test.train_items)
     assert emulator_zero_shot < zero_shot  # the emulator alone is worse than the full model
     assert plugged > zero_shot + 0.1, (zero_shot, plugged)

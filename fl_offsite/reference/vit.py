@@ -60,12 +60,12 @@ def accuracy(model, inputs: torch.Tensor, labels: torch.Tensor, batch: int = 250
 def digits_accuracy(model, processor, split: str = "test") -> float | None:
     """Accuracy on the packaged ``fl-offsite/digits`` split (None if it is not built)."""
     from ..training import data
-    from ..training.evaluate import classification_accuracy
+    from ..training.evaluate import classification_metrics
 
     if not (data.PACKAGED_DIR / "digits").is_dir():
         return None
     task = data.prepare("fl-offsite/digits", split, processor)
-    return classification_accuracy(model.eval(), task.train_items)
+    return classification_metrics(model.eval(), task.train_items)["acc"]
 
 
 CARD = """# fl-offsite/ref-vit: the offline reference vision model

@@ -41,58 +41,70 @@ def mean_loss(model, items: list[dict], batch_size: int = 8, pad_id: int = 0) ->
 
 
 @torch.no_grad()
-def classification_accuracy(model, items: list[dict], batch_size: int = 32) -> float:
+def classification_metrics(model, items: list[dict], batch_size: int = 32) -> dict[str, float]:
+    """Mean cross-entropy and accuracy of an image classifier, from one pass."""
     device = _device(model)
-    correct = 0
+    loss, correct = 0.0, 0
     for start in range(0, len(items), batch_size):
         batch = collate(items[start:start + batch_size])
-        logits = model(pixel_values=batch["pixel_values"].to(device)).logits
-        correct += int((logits.argmax(-1).cpu() == batch["labels"]).sum())
-    return correct / len(items)
+        logits = model(pixel_values=batch["pixel_values"].to(device)).logits.float().cpu()
+        loss += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
+        correct += int((logits.argmax(-1) == batch["labels"]).sum())
+    return {"loss": loss / len(items), "acc": correct / len(items)}
 
 
 @torch.no_grad()
 def score_continuations(model, pairs: list[tuple[list[int], list[int]]], pad_id: int = 0,
-                        max_length: int = 512) -> list[tuple[float, bool]]:
+                        max_length: int = 512, batch_size: int = 32
+                        ) -> list[tuple[float, bool]]:
     """(summed log p(continuation | context), whether it is the greedy continuation) for each
-    (context ids, continuation ids) pair, in one right-padded batch."""
+    (context ids, continuation ids) pair, in right-padded batches; the vocabulary-wide
+    log-softmax is taken only where a continuation token is scored."""
     device = _device(model)
-    seqs = [(ctx + cont)[-max_length:] for ctx, cont in pairs]
-    width = max(map(len, seqs))
-    ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in seqs], device=device)
-    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
-    logprobs = model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
     out = []
-    for row, (seq, (_, cont)) in enumerate(zip(seqs, pairs)):
-        n = min(len(cont), len(seq) - 1)
-        positions = torch.arange(len(seq) - n, len(seq), device=device)
-        step = logprobs[row, positions - 1]
-        targets = ids[row, positions]
-        out.append((float(step.gather(1, targets[:, None]).sum()),
-                    bool((step.argmax(-1) == targets).all())))
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        seqs = [(ctx + cont)[-max_length:] for ctx, cont in chunk]
+        width = max(map(len, seqs))
+        ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in seqs], device=device)
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs],
+                            device=device)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        for row, (seq, (_, cont)) in enumerate(zip(seqs, chunk)):
+            n = min(len(cont), len(seq) - 1)
+            positions = torch.arange(len(seq) - n, len(seq), device=device)
+            step = logits[row, positions - 1].float().log_softmax(-1)
+            targets = ids[row, positions]
+            out.append((float(step.gather(1, targets[:, None]).sum()),
+                        bool((step.argmax(-1) == targets).all())))
     return out
 
 
-def choice_loglikelihoods(model, tokenizer, context: str, choices: list[str]) -> list[float]:
-    """Summed log p(choice | context) for each choice (an empty context starts from BOS)."""
-    ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
-    if not ctx and tokenizer.bos_token_id is not None:
-        ctx = [tokenizer.bos_token_id]
-    pairs = [(ctx, tokenizer(c, add_special_tokens=False)["input_ids"]) for c in choices]
-    return [ll for ll, _ in score_continuations(model, pairs, tokenizer.pad_token_id or 0)]
-
-
-def multiple_choice_metrics(model, tokenizer, raw) -> dict[str, float]:
+def multiple_choice_metrics(model, tokenizer, raw, batch_size: int = 32) -> dict[str, float]:
+    """lm-eval's acc / acc_norm, every (context, choice) pair of the set scored in batches
+    (an empty context starts from BOS)."""
+    examples = list(raw)
+    contexts = tokenizer([context_text(ex) for ex in examples],
+                         add_special_tokens=False)["input_ids"]
+    choices = [list(ex["choices"]) for ex in examples]
+    flat = tokenizer([c for cs in choices for c in cs], add_special_tokens=False)["input_ids"]
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    pairs, cursor = [], 0
+    for ctx, cs in zip(contexts, choices):
+        pairs += [(ctx or bos, flat[cursor + j]) for j in range(len(cs))]
+        cursor += len(cs)
+    scores = [ll for ll, _ in score_continuations(model, pairs, tokenizer.pad_token_id or 0,
+                                                  batch_size=batch_size)]
     acc = acc_norm = nll = 0.0
-    for ex in raw:
-        choices = list(ex["choices"])
-        lls = choice_loglikelihoods(model, tokenizer, context_text(ex), choices)
+    cursor = 0
+    for ex, cs in zip(examples, choices):
+        lls, cursor = scores[cursor:cursor + len(cs)], cursor + len(cs)
         gold = int(ex["label"])
         acc += max(range(len(lls)), key=lls.__getitem__) == gold
-        normed = [ll / max(len(c), 1) for ll, c in zip(lls, choices)]
+        normed = [ll / max(len(c), 1) for ll, c in zip(lls, cs)]
         acc_norm += max(range(len(normed)), key=normed.__getitem__) == gold
         nll -= lls[gold]
-    n = len(raw)
+    n = len(examples)
     return {"acc": acc / n, "acc_norm": acc_norm / n, "loss": nll / n}
 
 
@@ -102,8 +114,7 @@ def evaluate(model, data: TaskData, processor, batch_size: int = 8) -> dict[str,
     if data.kind == "multiple-choice":
         return multiple_choice_metrics(model, processor, data.raw)
     if data.kind == "image":
-        loss, _ = mean_loss(model, data.train_items, batch_size)
-        return {"loss": loss, "acc": classification_accuracy(model, data.train_items)}
+        return classification_metrics(model, data.train_items)
     pad = getattr(processor, "pad_token_id", None) or 0
     loss, _ = mean_loss(model, data.train_items, batch_size, pad)
     return {"loss": loss, "ppl": math.exp(min(loss, 50.0))}

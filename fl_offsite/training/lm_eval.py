@@ -33,11 +33,8 @@ class OffsiteLM(LM):
         return ids or [self.tokenizer.bos_token_id or self.tokenizer.eos_token_id]
 
     def _score(self, pairs):
-        out = []
-        for start in range(0, len(pairs), self.batch_size):
-            out += score_continuations(self.model, pairs[start:start + self.batch_size],
-                                       self.tokenizer.pad_token_id or 0, self.max_length)
-        return out
+        return score_continuations(self.model, pairs, self.tokenizer.pad_token_id or 0,
+                                   self.max_length, self.batch_size)
 
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
         return self._score([(self._context_ids(r.args[0]), self._ids(r.args[1]))
