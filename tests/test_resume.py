@@ -71,6 +71,9 @@ def test_resumed_summary_has_every_round_once(killed_and_resumed):
         assert r1["plugin"] == pytest.approx(r2["plugin"], rel=1e-9)
         assert r1["update_norm"] == pytest.approx(r2["update_norm"], rel=1e-9)
         assert r1["participants"] == r2["participants"]
+        # the data owners keep the bundle across the restart: nothing is sent twice
+        for key in ("bundles_sent", "bytes_down", "bytes_up", "bytes_down_total"):
+            assert r1[key] == r2[key], (key, r1["round"])
 
 
 def test_foreign_or_corrupted_checkpoints_are_refused_and_nothing_changes(killed_and_resumed,

@@ -1,7 +1,8 @@
 """The model owner's checkpoint: everything needed to continue a run after its last round.
 
 ``RUN_DIR/checkpoint.safetensors`` holds the global adapter and the strategy's state
-(server-optimizer moments) as tensors, and as metadata the round, the byte counters and a
+(server-optimizer moments) as tensors, and as metadata the round, the byte counters, which
+data owner holds which bundle version (so nothing is sent twice after a resume) and a
 fingerprint of the config and bundle. It is written atomically after every round, so a crash
 leaves the last complete round; a checkpoint of another run or config is refused.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from safetensors import safe_open
@@ -39,6 +40,7 @@ class RunState:
     adapter: Adapter
     bytes_down_total: int
     bytes_up_total: int
+    delivered: dict[str, str] = field(default_factory=dict)  # data owner -> bundle hash held
 
 
 def save(run_dir: Path, state: RunState, strategy, print_: str) -> None:
@@ -46,7 +48,8 @@ def save(run_dir: Path, state: RunState, strategy, print_: str) -> None:
     tensors = {**{f"adapter/{k}": v for k, v in state.adapter.tensors.items()},
                **{f"strategy/{k}": v for k, v in strategy_tensors.items()}}
     meta = {"round": state.round, "bytes_down_total": state.bytes_down_total,
-            "bytes_up_total": state.bytes_up_total, "fingerprint": print_,
+            "bytes_up_total": state.bytes_up_total, "delivered": state.delivered,
+            "fingerprint": print_,
             "adapter": state.adapter.meta(), "strategy": kinds}
     save_tensors(run_dir / FILE, tensors, metadata={"fl_offsite_checkpoint": json.dumps(meta)})
 
@@ -87,4 +90,5 @@ def load(run_dir: Path, strategy, print_: str) -> RunState:
                       a["source_hash"], tuple(a["indices"]), a.get("lora") or {})
     import_state(strategy, {k[len("strategy/"):]: v for k, v in tensors.items()
                             if k.startswith("strategy/")}, meta["strategy"])
-    return RunState(meta["round"], adapter, meta["bytes_down_total"], meta["bytes_up_total"])
+    return RunState(meta["round"], adapter, meta["bytes_down_total"], meta["bytes_up_total"],
+                    meta.get("delivered", {}))

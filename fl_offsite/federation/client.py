@@ -83,13 +83,26 @@ def emulated_model(bundle_hash: str, bundle_dir: Path) -> EmulatedModel:
     return _EMULATED[bundle_hash]
 
 
-def _cached_bundle(bundle_hash: str, context: Context) -> EmulatedModel:
+def _cached_bundle(bundle_hash: str, context: Context, task: dict | None = None
+                   ) -> EmulatedModel:
+    """The bundle with this hash: in memory, where this node was told it is, or (a node
+    restarted with a resumed run) in its own cache or at the model owner's shared path; else
+    the error that makes the model owner send it again."""
     if bundle_hash in _EMULATED:
         return _EMULATED[bundle_hash]
     known = context.state.get("bundle")
-    if known is None or known["hash"] != bundle_hash or not Path(str(known["path"])).is_dir():
-        raise RuntimeError(f"{protocol.MISSING_BUNDLE} {bundle_hash[:12]}")
-    return emulated_model(bundle_hash, Path(str(known["path"])))
+    if known is not None and known["hash"] == bundle_hash and Path(str(known["path"])).is_dir():
+        return emulated_model(bundle_hash, Path(str(known["path"])))
+    shared = (task or {}).get("bundle_path")
+    for candidate in [cache_root(context) / bundle_hash] + ([Path(shared)] if shared else []):
+        if (candidate / "offsite.json").is_file():
+            try:
+                emulated = emulated_model(bundle_hash, candidate)  # checks the content hash
+            except UserError:
+                continue
+            context.state["bundle"] = ConfigRecord({"hash": bundle_hash, "path": str(candidate)})
+            return emulated
+    raise RuntimeError(f"{protocol.MISSING_BUNDLE} {bundle_hash[:12]}")
 
 
 def _check_memory(bundle_hash: str, task: dict, context: Context) -> None:
@@ -194,7 +207,7 @@ def train_adapter(msg: Message, context: Context) -> Message:
         os._exit(1)
     bundle_hash = str(cfg["bundle-hash"])
     _check_memory(bundle_hash, task, context)
-    emulated = _cached_bundle(bundle_hash, context)
+    emulated = _cached_bundle(bundle_hash, context, task)
     processor = _PROCESSORS[bundle_hash]
     tuning = task["tuning"]
     lora = tuning.get("lora")

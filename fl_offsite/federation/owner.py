@@ -114,6 +114,9 @@ class ModelOwner:
             "faults": cfg.faults.model_dump(),
             "dp": cfg.dp.model_dump() if cfg.dp.active else None,
             "round_timeout": cfg.round_timeout,
+            # where a restarted data owner finds the bundle without it being sent again
+            "bundle_path": str(self.bundle_dir) if cfg.bundle_transport == "shared-path"
+            else None,
         }
 
 

@@ -60,7 +60,8 @@ class Federation:
         self.grid, self.cfg, self.run_dir, self.owner, self.log = grid, cfg, run_dir, owner, log
         self.strategy = cfg.strategy.build(cfg.num_clients, cfg.clients_per_round)
         self.nodes = NodeDirectory(grid, cfg.connect_timeout)
-        self.shipper = BundleShipper(owner, cfg.bundle_transport, cfg.connect_timeout)
+        self.shipper = BundleShipper(owner, cfg.bundle_transport, cfg.connect_timeout,
+                                     self.nodes.name)
         self.fingerprint = checkpoint.fingerprint(cfg, owner.info.bundle_hash)
         self.checkpoints = run_dir / "checkpoints"
 
@@ -82,6 +83,7 @@ class Federation:
     def _resume(self):
         state = checkpoint.load(self.run_dir, self.strategy, self.fingerprint)
         self.log.resume(state.round, state.bytes_down_total, state.bytes_up_total)
+        self.shipper.delivered = dict(state.delivered)
         if state.adapter.bundle_hash != self.owner.info.bundle_hash:  # a re-aligned emulator
             self.owner.use_bundle(realigned_bundle(self.run_dir, state.adapter.bundle_hash))
         print(f"resuming after round {state.round}", flush=True)
@@ -118,7 +120,8 @@ class Federation:
         record["seconds"] = time.time() - start
         self.log.round(record, cfg.rounds)  # summary first: a checkpoint never runs ahead of it
         checkpoint.save(self.run_dir, checkpoint.RunState(rnd, current, self.log.bytes_down,
-                                                          self.log.bytes_up),
+                                                          self.log.bytes_up,
+                                                          self.shipper.delivered),
                         self.strategy, self.fingerprint)
         return current
 

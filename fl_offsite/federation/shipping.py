@@ -10,13 +10,15 @@ from . import protocol
 
 class BundleShipper:
     """Sends the bundle to each data owner once, and after a re-alignment only the new
-    emulator (a delta of the version the data owner has); remembers who has which version."""
+    emulator (a delta of the version the data owner has); remembers who has which version,
+    by data owner name (node ids change when a run is resumed; the checkpoint keeps this)."""
 
-    def __init__(self, owner, transport: str, timeout: float):
+    def __init__(self, owner, transport: str, timeout: float, name):
         self.owner = owner
         self.transport = transport
         self.timeout = timeout
-        self.delivered: dict[int, str] = {}  # node id -> bundle hash it holds
+        self.name = name  # node id -> data owner name
+        self.delivered: dict[str, str] = {}  # data owner name -> bundle hash it holds
         self.size = protocol.bundle_size(owner.bundle_dir)
         self._content: dict[tuple, RecordDict] = {}
 
@@ -24,19 +26,19 @@ class BundleShipper:
         """Bring those of ``node_ids`` that lack the current version up to date; returns
         (failed nodes, full bundles sent, deltas sent, bytes sent)."""
         current = self.owner.info.bundle_hash
-        missing = sorted(n for n in node_ids if self.delivered.get(n) != current)
+        missing = sorted(n for n in node_ids if self.delivered.get(self.name(n)) != current)
         if not missing:
             return set(), 0, 0, 0
         messages, full, deltas, sent = [], 0, 0, 0
         for n in missing:
-            base = self.delivered.get(n)
+            base = self.delivered.get(self.name(n))
             messages.append(Message(self._payload(base), dst_node_id=n,
                                     message_type=f"query.{protocol.BUNDLE_ACTION}"))
             size = int(messages[-1].content["bundle"]["bytes"])
             full, deltas, sent = full + (base is None), deltas + (base is not None), sent + size
         replies = grid.send_and_receive(messages, timeout=self.timeout)
         ok = {r.metadata.src_node_id for r in replies if not r.has_error()}
-        self.delivered.update({n: current for n in ok})
+        self.delivered.update({self.name(n): current for n in ok})
         return set(missing) - ok, full, deltas, sent
 
     def _payload(self, base: str | None) -> RecordDict:
@@ -49,6 +51,6 @@ class BundleShipper:
         return self._content[key]
 
     def forget(self, node_id: int) -> None:
-        self.delivered.pop(node_id, None)
+        self.delivered.pop(self.name(node_id), None)
 
 
