@@ -1,6 +1,8 @@
 """A strategy's mutable state (server-optimizer moments, momentum) as tensors, for checkpoints.
 
-Flower's strategies keep it in attributes; these are the ones that change between rounds.
+Flower's strategies keep it in instance attributes. Rather than naming them (names change
+between Flower versions), every attribute that holds arrays (an ``ArrayRecord``, or a dict or
+list of numpy arrays) is saved and set back; configuration holds no arrays.
 """
 
 from __future__ import annotations
@@ -9,22 +11,27 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord
 
-STATE_ATTRIBUTES = ("m_t", "v_t", "momentum_vector", "current_arrays")
+
+def _arrays(value) -> tuple[str, dict[str, np.ndarray]] | None:
+    """(container kind, arrays by key) when ``value`` is array state, else None."""
+    if isinstance(value, ArrayRecord):
+        return ("arrayrecord", {k: a.numpy() for k, a in value.items()}) if len(value) else None
+    if isinstance(value, dict) and value and all(isinstance(v, np.ndarray)
+                                                  for v in value.values()):
+        return "dict", value
+    if isinstance(value, list) and value and all(isinstance(v, np.ndarray) for v in value):
+        return "list", {str(i): v for i, v in enumerate(value)}
+    return None
 
 
 def export_state(strategy) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors keyed ``attr/key``, {attr: container type}) of every state attribute set."""
+    """(tensors keyed ``attr/key``, {attr: container kind}) of every array-holding attribute."""
     tensors, kinds = {}, {}
-    for attr in STATE_ATTRIBUTES:
-        value = getattr(strategy, attr, None)
-        if value is None or (isinstance(value, (dict, list)) and not value):
+    for attr, value in sorted(vars(strategy).items()):
+        found = _arrays(value)
+        if found is None:
             continue
-        if isinstance(value, ArrayRecord):
-            kinds[attr], items = "arrayrecord", {k: a.numpy() for k, a in value.items()}
-        elif isinstance(value, dict):
-            kinds[attr], items = "dict", value
-        else:
-            kinds[attr], items = "list", {str(i): v for i, v in enumerate(value)}
+        kinds[attr], items = found
         for key, array in items.items():
             tensors[f"{attr}/{key}"] = torch.from_numpy(np.ascontiguousarray(array))
     return tensors, kinds

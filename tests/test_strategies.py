@@ -256,6 +256,29 @@ def test_every_registered_strategy_loads_by_name_and_builds(name):
     assert type(flower).__name__ == cfg.strategy.flower_class
 
 
+@pytest.mark.parametrize("name", sorted(strategies.REGISTRY))
+def test_every_strategy_continues_from_its_saved_state_as_if_never_stopped(name):
+    from strategies.state import export_state, import_state
+
+    params = {"num_malicious": 1} if name == "krum" else {}
+    current, straight = CURRENT, None
+    for rnd in (1, 2):
+        arrays, straight = run_round(name, UPLOADS, EXAMPLES, current, rnd, straight, **params)
+        current = {k: v.float() for k, v in arrays.items()}
+    tensors, kinds = export_state(straight)
+    restored = strategies.REGISTRY[name](**params).build(5, 5)
+    import_state(restored, {k: v.clone() for k, v in tensors.items()}, kinds)
+    third = [{k: v + 0.1 * (i + 1) for k, v in u.items()} for i, u in enumerate(UPLOADS)]
+    expected, _ = run_round(name, third, EXAMPLES, current, 3, straight)
+    got, _ = run_round(name, third, EXAMPLES, current, 3, restored)
+    assert all(torch.equal(expected[k], got[k]) for k in KEYS)
+    if name in ("fedadam", "fedyogi", "fedadagrad", "fedavgm"):
+        assert kinds  # these carry state between rounds, and it was found
+        fresh, _ = run_round(name, third, EXAMPLES, current, 3,
+                             strategies.REGISTRY[name](**params).build(5, 5))
+        assert not all(torch.equal(expected[k], fresh[k]) for k in KEYS)
+
+
 def test_a_new_strategy_is_one_class_and_one_registry_line():
     """The README's worked example: a config class plus a registry entry is a strategy."""
     from typing import Literal
