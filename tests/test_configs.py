@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from fl_offsite import config as configs
+from fl_offsite.reference.reproduce import RECIPES, Plan
 
 ROOT = Path(__file__).parents[1]
 
@@ -37,3 +38,12 @@ def test_offsite_runs_are_named_apart_from_simulate_runs(tmp_path, monkeypatch):
     assert simulate_dir.name.startswith(f"{cfg.name}-2") and \
         offsite_dir.name.startswith(f"{cfg.name}-offsite-2")
     assert (offsite_dir / "config.yaml").is_file()
+
+
+@pytest.mark.parametrize("model", sorted(RECIPES))
+def test_every_recommended_recipe_makes_valid_emulators(model):
+    plan = Plan.for_model(model)
+    for distilled in (False, True):
+        split = plan.split(model, distilled)
+        assert split.distill.data and split.distill.steps > 0
+    assert Plan.for_model(model, quick=True).split(model, False).distill.steps <= 10
