@@ -52,14 +52,13 @@ def approximated_block(block: torch.nn.Module, state: dict[str, torch.Tensor], r
                        ) -> dict[str, torch.Tensor]:
     """``state`` with each weight that would be factorised replaced by ``A @ B`` (same shapes:
     what the factors compute, for measuring their effect in the block as it is)."""
-    state = dict(state)
+    factored = factorize_block(block, state, ratio)
+    dense = dict(state)
     for name, module in linear_layers(block):
-        weight = as_linear_weight(module, state[f"{name}.weight"])
-        rank = rank_for(tuple(weight.shape), ratio)
-        if rank * sum(weight.shape) < weight.numel():
-            a, b = factorize(weight, rank)
-            state[f"{name}.weight"] = as_linear_weight(module, a @ b)
-    return state
+        if f"{name}.lowrank_a" in factored:
+            dense[f"{name}.weight"] = as_linear_weight(
+                module, factored[f"{name}.lowrank_a"] @ factored[f"{name}.lowrank_b"])
+    return dense
 
 
 class LowRankLinear(torch.nn.Module):
