@@ -26,8 +26,11 @@ def test_round_trip_emulator_train_plug_evaluate(tmp_path, pydoc_data, capsys):
     assert "2-2-2" in capsys.readouterr().out
     assert run("train", "--bundle", bundle, "--data", pydoc_data, "--out", adapter,
                "--max-steps", "3", "--block-size", "32", "--lr", "2e-3") == 0
-    stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    printed = capsys.readouterr()
+    stats = json.loads(printed.out.strip().splitlines()[-1])
     assert stats["steps"] == 3 and stats["train_loss"] > 0
+    progress = [line for line in printed.err.splitlines() if line.startswith("train step")]
+    assert [line.split(":")[0] for line in progress] == [f"train step {i}/3" for i in (1, 2, 3)]
     assert run("plug", "--model", "fl-offsite/tiny-opt", "--adapter", adapter, "--out",
                plugged) == 0
     model = AutoModelForCausalLM.from_pretrained(plugged)  # loads as is

@@ -78,7 +78,7 @@ def cmd_emulator(args) -> None:
     from ..offsite.owner import build_bundle
 
     info = build_bundle(args.model, args.out, split_config(args), args.dtype, args.overwrite,
-                        log=lambda line: print(line, file=sys.stderr), family=family(args))
+                        log=progress, family=family(args))
     plan = info.plan
     made = info.emulator
     how = made["layer_selection"] + (" + distilled" if "distill" in made else "") + \
@@ -90,6 +90,10 @@ def cmd_emulator(args) -> None:
         before, best = made["distill"]["held_out_before"], made["distill"]["held_out_best"]
         print(f"distilled: held-out nmse {before['nmse']:.4f} -> {best['nmse']:.4f} "
               f"(best step {made['distill']['best_step']})")
+
+
+def progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def cmd_train(args) -> None:
@@ -111,7 +115,7 @@ def cmd_train(args) -> None:
         task = data.prepare(args.data, "train", processor, args.block_size, args.max_examples)
         model.requires_grad_(True)
         stats = train(model, task.train_items, cfg, getattr(processor, "pad_token_id", 0) or 0,
-                      seed=args.seed)
+                      seed=args.seed, log=progress)
         save_model(model, processor, args.out, args.overwrite)
     else:
         if not args.bundle:
@@ -129,7 +133,8 @@ def cmd_train(args) -> None:
         emulated.prepare(args.tuning, lora, args.seed)
         refuse_occupied(args.out, args.overwrite)
         stats = train(emulated.model, task.train_items, cfg,
-                      getattr(processor, "pad_token_id", 0) or 0, seed=args.seed)
+                      getattr(processor, "pad_token_id", 0) or 0, seed=args.seed,
+                      log=progress)
         emulated.adapter().save(args.out)
     print(json.dumps({"out": str(args.out), **stats}))
 
