@@ -93,3 +93,56 @@ def pydoc_data():
     from pathlib import Path
     import fl_offsite
     return str(Path(fl_offsite.__file__).parent / "datasets" / "pydoc")
+
+
+class RecordingGrid:
+    """The real Grid, keeping every (messages sent, replies received) exchange of the model
+    owner, in order: what crossed the wire, seen from outside the server's own counters."""
+
+    def __init__(self, grid, calls: list):
+        self.grid, self.calls = grid, calls
+
+    def send_and_receive(self, messages, *args, **kwargs):
+        messages = list(messages)
+        replies = list(self.grid.send_and_receive(messages, *args, **kwargs))
+        self.calls.append((messages, replies))
+        return replies
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        self.calls.append((messages, []))
+        return self.grid.push_messages(messages)
+
+    def __getattr__(self, attr):
+        return getattr(self.grid, attr)
+
+
+def record_wire(monkeypatch) -> list:
+    """Make the next federations run on a ``RecordingGrid``; returns its list of exchanges."""
+    from fl_offsite.federation import server
+
+    calls: list = []
+    real = server.run_federation
+    monkeypatch.setattr(server, "run_federation",
+                        lambda grid, *a, **k: real(RecordingGrid(grid, calls), *a, **k))
+    return calls
+
+
+@pytest.fixture
+def wire(monkeypatch):
+    return record_wire(monkeypatch)
+
+
+def received_bytes(message) -> int:
+    """What a receiver decodes from ``message``: its arrays' bytes and its byte strings."""
+    from flwr.app import ArrayRecord, ConfigRecord
+
+    total = 0
+    for record in message.content.values():
+        if isinstance(record, ArrayRecord):
+            total += sum(array.numpy().nbytes for array in record.values())
+        elif isinstance(record, ConfigRecord):
+            for value in record.values():
+                total += sum(len(v) for v in (value if isinstance(value, list) else [value])
+                             if isinstance(v, bytes))
+    return total

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM
 
 from fl_offsite.cli import main
@@ -113,8 +114,9 @@ def _bad_inputs(tmp_path, pydoc_data):
         (["simulate", "--config", tmp_path / "none.yaml"], "--config"),
         (["simulate", "--config", DEMO_CONFIG, "--set", "rounds=abc"], "rounds"),
         (["simulate", "--config", DEMO_CONFIG, "--set", "roundz=2"], "roundz: unknown key"),
-        (["simulate", "--config", DEMO_CONFIG, "--set", "resources.num_gpus=0.5"],
-         "resources.num_gpus"),
+        # one GPU more than this machine has (none here: refused as no GPU visible)
+        (["simulate", "--config", DEMO_CONFIG, "--set",
+          f"resources.num_gpus={torch.cuda.device_count() + 1}"], "resources.num_gpus"),
         (["simulate", "--config", DEMO_CONFIG, "--set", "clients_per_round=20"],
          "clients_per_round"),
         (["simulate", "--config", DEMO_CONFIG, "--set", "strategy.name=fedfoo"], "strategy.name"),

@@ -18,6 +18,8 @@ from fl_offsite.federation.client import injected_fault
 from fl_offsite.federation.simulation import simulate
 from fl_offsite.federation.runtime import new_run_dir
 
+from conftest import received_bytes, record_wire
+
 pytestmark = pytest.mark.slow
 
 BASE = {
@@ -48,6 +50,7 @@ def crashing_run(tmp_path_factory):
     """3 data owners, 2 rounds, FedAvg recorded, fault drill crashing about a third of them."""
     patch = pytest.MonkeyPatch()
     patch.setattr(strategies.FedAvg, "flower_strategy_class", lambda self: RecordingFedAvg)
+    exchanges = record_wire(patch)
     RecordingFedAvg.calls = []
     cfg = configs.load(None, {**BASE, "faults": {"crash": 0.34, "seed": 3}})
     run_dir = new_run_dir(cfg, tmp_path_factory.mktemp("sim") / "run")
@@ -55,11 +58,11 @@ def crashing_run(tmp_path_factory):
         summary = simulate(cfg, run_dir)
     finally:
         patch.undo()
-    return cfg, run_dir, summary, list(RecordingFedAvg.calls)
+    return cfg, run_dir, summary, list(RecordingFedAvg.calls), exchanges
 
 
 def test_the_aggregate_is_the_example_weighted_mean_of_client_adapters(crashing_run):
-    _, run_dir, _, calls = crashing_run
+    _, run_dir, _, calls, _ = crashing_run
     assert calls
     for uploads, aggregate in calls:
         total = sum(n for _, n in uploads)
@@ -71,18 +74,52 @@ def test_the_aggregate_is_the_example_weighted_mean_of_client_adapters(crashing_
     assert all(torch.equal(final.tensors[k], last[k].to(final.tensors[k].dtype)) for k in last)
 
 
-def test_the_bundle_crosses_the_wire_once_per_data_owner(crashing_run):
-    cfg, _, summary, _ = crashing_run
-    first, second = summary["rounds"]
-    assert first["bundles_sent"] == cfg.num_clients and second["bundles_sent"] == 0
-    adapter_bytes = summary["bundle"]["adapter_bytes"]
-    assert first["bytes_down"] == cfg.num_clients * (summary["bundle"]["bytes"] + adapter_bytes)
-    assert second["bytes_down"] == cfg.num_clients * adapter_bytes
-    assert second["bytes_up"] == second["clients_ok"] * adapter_bytes
+def traffic_by_round(exchanges) -> list[dict]:
+    """What crossed the Grid per round (each round ends with its training exchange): bundle
+    messages and their payload, training messages' payload, and the payload of the training
+    replies that came back without an error."""
+    rounds, bundles, bundle_payload = [], 0, 0
+    for messages, replies in exchanges:
+        kinds = {m.metadata.message_type for m in messages}
+        if kinds == {f"query.{protocol.BUNDLE_ACTION}"}:
+            bundles += len(messages)
+            bundle_payload += sum(received_bytes(m) for m in messages)
+        elif kinds == {"train"}:
+            rounds.append({"bundles": bundles, "bundle_payload": bundle_payload,
+                           "adapters_down": sum(received_bytes(m) for m in messages),
+                           "up": sum(received_bytes(r) for r in replies if not r.has_error())})
+            bundles, bundle_payload = 0, 0
+    return rounds
+
+
+def test_the_bundle_reaches_each_data_owner_once_and_traffic_is_what_they_got(crashing_run):
+    """Under shared-path (the default) no bundle byte is in a message: each data owner reads
+    the bundle's files in place, and its receipt says how many bytes it read."""
+    cfg, _, summary, _, exchanges = crashing_run
+    wire = traffic_by_round(exchanges)
+    assert [w["bundles"] for w in wire] == [cfg.num_clients, 0]
+    assert [w["bundle_payload"] for w in wire] == [0, 0]
+    for record, seen in zip(summary["rounds"], wire, strict=True):
+        assert record["bundles_sent"] == seen["bundles"]
+        read = seen["bundles"] * summary["bundle"]["bytes"]
+        assert (record["bytes_down"], record["bytes_up"]) == (seen["adapters_down"] + read,
+                                                              seen["up"])
+
+
+def test_by_message_traffic_is_the_payload_that_crossed_the_wire(tmp_path, wire):
+    cfg = configs.load(None, {**BASE, "num_clients": 2, "clients_per_round": 2,
+                              "bundle_transport": "message"})
+    summary = simulate(cfg, new_run_dir(cfg, tmp_path / "run"))
+    seen = traffic_by_round(wire)
+    assert [s["bundles"] for s in seen] == [2, 0]
+    assert seen[0]["bundle_payload"] > 2 * 0.9 * summary["bundle"]["bytes"]  # the tensors
+    for record, s in zip(summary["rounds"], seen, strict=True):
+        assert (record["bytes_down"], record["bytes_up"]) == (
+            s["bundle_payload"] + s["adapters_down"], s["up"])
 
 
 def test_a_crashing_data_owner_is_counted_and_the_round_goes_on(crashing_run):
-    cfg, _, summary, _ = crashing_run
+    cfg, _, summary, _, _ = crashing_run
     faults = cfg.faults.model_dump()
     for record in summary["rounds"]:
         crashed = sum(injected_fault(faults, record["round"], who) == "crash" for who in range(3))
@@ -95,7 +132,7 @@ def test_a_crashing_data_owner_is_counted_and_the_round_goes_on(crashing_run):
 def test_run_directory_summary_and_tensorboard(crashing_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    _, run_dir, summary, _ = crashing_run
+    _, run_dir, summary, _, _ = crashing_run
     for name in ("config.yaml", "summary.json", "adapter.safetensors", "bundle/offsite.json"):
         assert (run_dir / name).is_file(), name
     assert len(list((run_dir / "checkpoints").glob("round-*.safetensors"))) == 2
@@ -201,7 +238,7 @@ def test_plug_in_is_evaluated_every_n_rounds_and_after_the_last(tmp_path, capsys
 def test_report_renders_the_curves(crashing_run, capsys):
     from fl_offsite.cli import main
 
-    _, run_dir, _, _ = crashing_run
+    _, run_dir, _, _, _ = crashing_run
     assert main(["report", str(run_dir)]) == 0
     for name in ("report_metric.png", "report_client_loss.png", "report_traffic.png"):
         assert (run_dir / name).read_bytes()[:4] == b"\x89PNG"

@@ -95,7 +95,7 @@ def test_gradient_allocation_from_the_cli_records_its_scores(tmp_path, capsys):
     out = tmp_path / "bundle"
     assert main(["emulator", "--model", "fl-offsite/tiny-opt", "--out", str(out),
                  "--emulator-layers", "2", "--compression", "lowrank", "--rank-ratio", "0.25",
-                 "--rank-allocation", "gradient", "--distill-data", "fl-offsite/pydoc"]) == 0
+                 "--allocation", "gradient", "--distill-data", "fl-offsite/pydoc"]) == 0
     assert "uniform + lowrank" in capsys.readouterr().out
     made = json.loads((out / "offsite.json").read_text())["emulator"]["compression"]
     assert set(made["ratios"]) == {"2", "5"}
@@ -106,8 +106,8 @@ def test_gradient_allocation_from_the_cli_records_its_scores(tmp_path, capsys):
 
 def test_lowrank_settings_without_lowrank_are_refused(tmp_path, capsys):
     assert main(["emulator", "--model", "fl-offsite/tiny-opt", "--out", str(tmp_path / "b"),
-                 "--rank-allocation", "gradient"]) == 2
-    assert "--compression lowrank" in capsys.readouterr().err
+                 "--allocation", "gradient"]) == 2
+    assert "--compression lowrank or --compression channels" in capsys.readouterr().err
     assert main(["emulator", "--model", "fl-offsite/tiny-opt", "--out", str(tmp_path / "b"),
-                 "--compression", "lowrank", "--rank-allocation", "gradient"]) == 2
+                 "--compression", "lowrank", "--allocation", "gradient"]) == 2
     assert "distill.data is missing" in capsys.readouterr().err

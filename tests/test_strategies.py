@@ -182,18 +182,38 @@ def malformed(kind: str) -> Message:
     return reply(9, good, metrics={"train_loss": 1.0})  # "num-examples missing"
 
 
-@pytest.mark.parametrize("kind", ["wrong keys", "wrong shape", "wrong dtype", "non-finite",
-                                  "update norm", "num-examples zero", "num-examples fractional",
-                                  "num-examples missing"])
-def test_a_malformed_upload_is_rejected_and_has_no_influence(kind):
+# each malformed upload and the start of the reason it must be rejected with
+MALFORMED_REASONS = {
+    "wrong keys": "wrong keys: missing ['1.b'], unexpected ['7.x']",
+    "wrong shape": "wrong shape for 0.w: (2, 3)",
+    "wrong dtype": "wrong dtype for 0.w: torch.float64",
+    "non-finite": "non-finite values (NaN or Inf) in 1.b",
+    "update norm": "update norm",
+    "num-examples zero": "num-examples must be a positive integer, got 0",
+    "num-examples fractional": "num-examples must be a positive integer, got 2.5",
+    "num-examples missing": "num-examples must be a positive integer, got None",
+}
+
+
+@pytest.mark.parametrize("kind", MALFORMED_REASONS)
+def test_a_malformed_upload_is_rejected_for_its_own_reason(kind):
     honest = [reply(i + 1, u, n) for i, (u, n) in enumerate(zip(UPLOADS, EXAMPLES))]
     accepted, rejected, _ = screen(honest + [malformed(kind)], CURRENT, max_update_norm=100.0)
-    assert len(rejected) == 1 and rejected[0].node_id == 9
-    assert kind.split()[0] in rejected[0].reason or kind.split()[-1] in rejected[0].reason
-    strategy = strategies.FedAvg().build(5, 5)
-    with_bad, _ = strategy.aggregate_train(1, accepted)
-    without, _ = strategies.FedAvg().build(5, 5).aggregate_train(1, honest)
-    a, b = with_bad.to_torch_state_dict(), without.to_torch_state_dict()
+    assert [(r.node_id, r.reason[:len(MALFORMED_REASONS[kind])]) for r in rejected] == \
+        [(9, MALFORMED_REASONS[kind])]
+    assert [r.metadata.src_node_id for r in accepted] == [1, 2, 3, 4, 5]
+
+
+def test_screening_lets_well_formed_uploads_through_untouched():
+    """The same honest replies, screened and not: the aggregate is the same, so rejection
+    above is the only way a malformed upload loses its influence."""
+    honest = [reply(i + 1, u, n) for i, (u, n) in enumerate(zip(UPLOADS, EXAMPLES))]
+    accepted, rejected, _ = screen(honest, CURRENT, max_update_norm=100.0)
+    assert rejected == []
+    screened, _ = strategies.FedAvg().build(5, 5).aggregate_train(1, accepted)
+    plain, _ = strategies.FedAvg().build(5, 5).aggregate_train(
+        1, [reply(i + 1, u, n) for i, (u, n) in enumerate(zip(UPLOADS, EXAMPLES))])
+    a, b = screened.to_torch_state_dict(), plain.to_torch_state_dict()
     assert all(torch.equal(a[k], b[k]) for k in KEYS)
 
 

@@ -9,6 +9,7 @@ import json
 import pytest
 
 from conftest import tiny_model
+from fl_offsite.emulators.channels import ChannelPruning
 from fl_offsite.emulators.int8 import Int8Compression
 from fl_offsite.emulators.pipeline import SplitConfig
 from fl_offsite.errors import UserError
@@ -30,11 +31,12 @@ def sharded_checkpoint(family: str, path, shard_size: str = "20KB"):
     return str(path)
 
 
-@pytest.mark.parametrize("compression", [None, "int8"])
+@pytest.mark.parametrize("compression", [None, "int8", "channels"])
 def test_a_bundle_read_in_parts_is_the_bundle_of_the_loaded_model(family, compression,
                                                                    tmp_path):
     checkpoint = sharded_checkpoint(family, tmp_path / "checkpoint")
-    method = Int8Compression() if compression else None
+    method = {"int8": Int8Compression(), "channels": ChannelPruning(importance="weights"),
+              None: None}[compression]
     said: list[str] = []
     streamed = build_bundle(checkpoint, tmp_path / "streamed",
                             SplitConfig(emulator_layers=2, compression=method), log=said.append)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from ..emulators import COMPRESSIONS, SELECTIONS
+from ..emulators.channels import ChannelPruning
 from ..emulators.lowrank import LowRankCompression
 from ..emulators.pipeline import DistillConfig, SplitConfig
 from ..emulators.similarity import SimilaritySelection
@@ -22,7 +23,12 @@ DISTILL_PREFIXED = ("data", "steps", "lr", "batch_size", "max_examples", "eval_e
                     "nmse", "mixed_precision")
 DISTILL_PLAIN = ("block_size", "kd_weight", "lm_weight", "layer_weight")
 LORA_FIELDS = ("lora_r", "lora_alpha", "lora_dropout")
-RANK_RATIO = LowRankCompression.model_fields["rank_ratio"].default
+# the flags of each in-layer compression method (the fields they set), and their defaults
+COMPRESSION_FLAGS = {"lowrank": ("rank_ratio", "allocation"),
+                     "channels": ("keep_ratio", "importance", "allocation")}
+FLAG_DEFAULTS = {"rank_ratio": LowRankCompression.model_fields["rank_ratio"].default,
+                 **{f: ChannelPruning.model_fields[f].default
+                    for f in ("keep_ratio", "importance", "allocation")}}
 
 
 def existing(path, flag: str):
@@ -59,10 +65,14 @@ def split_config(args) -> SplitConfig:
     distill = {**field_values(args, DISTILL_PREFIXED, "distill-"),
                **field_values(args, DISTILL_PLAIN), "seed": args.seed}
     compression = {"name": args.compression} if args.compression else None
-    if args.compression == "lowrank":
-        compression.update(rank_ratio=args.rank_ratio, allocation=args.rank_allocation)
-    elif args.rank_allocation != "uniform" or args.rank_ratio != RANK_RATIO:
-        raise UserError("--rank-ratio/--rank-allocation: need --compression lowrank")
+    own = COMPRESSION_FLAGS.get(args.compression, ())
+    for flag, default in FLAG_DEFAULTS.items():
+        if flag in own:
+            compression[flag] = getattr(args, flag)
+        elif getattr(args, flag) != default:
+            needs = " or ".join(f"--compression {m}" for m, f in COMPRESSION_FLAGS.items()
+                                if flag in f)
+            raise UserError(f"--{flag.replace('_', '-')}: needs {needs}")
     return build_section("split", {
         **field_values(args, PLAN_FIELDS + SIZE_FIELDS), "selection": selection,
         "distill": distill, "compression": compression})
@@ -226,9 +236,10 @@ def add_commands(sub) -> None:
     add_fields(p, SimilaritySelection, ["repeat_blocks"])
     p.add_argument("--compression", choices=list(COMPRESSIONS),
                    help="compress the emulator blocks (int8: 8-bit weights; lowrank: SVD "
-                        "factors of every linear layer)")
+                        "factors of every linear layer; channels: MLP channel pruning)")
     add_fields(p, LowRankCompression, ["rank_ratio"])
-    add_fields(p, LowRankCompression, ["allocation"], "rank-")
+    add_fields(p, ChannelPruning, ["keep_ratio", "importance"])
+    add_fields(p, LowRankCompression, ["allocation"])
     p.add_argument("--dtype", **DTYPE)
     p.add_argument("--family", help=FAMILY_HELP)
     p.add_argument("--overwrite", action="store_true")

@@ -9,6 +9,7 @@ Adding a method is one module with its config class (``base.Selection`` or
 from __future__ import annotations
 
 from ..registry import tagged_union
+from .channels import ChannelPruning
 from .int8 import Int8Compression
 from .lowrank import LowRankCompression
 from .similarity import SimilaritySelection
@@ -22,6 +23,7 @@ SELECTIONS = {
 COMPRESSIONS = {
     "int8": Int8Compression,
     "lowrank": LowRankCompression,
+    "channels": ChannelPruning,
 }
 
 Selection = tagged_union(SELECTIONS, default="uniform")

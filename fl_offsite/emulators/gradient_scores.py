@@ -33,7 +33,7 @@ def gradient_scores(model, arch, plan, emulator: dict | None, items: list[dict],
                     candidates: list[float], change, batches: int = 4, log=None,
                     batch_size: int = 8) -> dict[int, dict[float, float]]:
     """{emulator block: {candidate: cosine of the adapter's gradient with that block changed
-    by ``change(block, state, candidate)`` vs unchanged}}."""
+    by ``change(index, block, state, candidate)`` vs unchanged}}."""
     from .distill import emulated_from_full
 
     student = emulated_from_full(model, arch, plan, emulator)
@@ -50,7 +50,7 @@ def gradient_scores(model, arch, plan, emulator: dict | None, items: list[dict],
         scores[index] = {}
         for candidate in candidates:
             with torch.no_grad():
-                block.load_state_dict(change(block, original, candidate))
+                block.load_state_dict(change(index, block, original, candidate))
             gradient = adapter_gradient(student, data)
             scores[index][candidate] = float(torch.nn.functional.cosine_similarity(
                 gradient.double(), reference.double(), dim=0))

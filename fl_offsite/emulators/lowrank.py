@@ -30,8 +30,8 @@ class LowRankCompression(Compression):
                               "min(out, in) of each linear layer (the mean, with gradient "
                               "allocation)")
     allocation: Literal["uniform", "gradient"] = Field(
-        "uniform", description="uniform: rank_ratio everywhere; gradient: per-block ratios "
-        "chosen by adapter-gradient preservation on the public data")
+        "uniform", description="uniform: the same ratio in every block; gradient: per-block "
+        "ratios chosen by adapter-gradient preservation on the public data")
     candidates: list[float] = Field([0.0625, 0.125, 0.25, 0.375, 1.0], description="ratios "
                                     "gradient allocation chooses among (1: dense)")
     score_batches: int = Field(4, ge=1, description="public batches per gradient measurement")
@@ -64,9 +64,12 @@ class LowRankCompression(Compression):
         layers = {i: [tuple(as_linear_weight(m, m.weight).shape)
                       for _, m in linear_layers(arch.blocks(model)[i])]
                   for i in dict.fromkeys(plan.emulator)}
+
+        def change(index, block, state, ratio):
+            return approximated_block(block, state, ratio)
+
         scores = gradient_scores(model, arch, plan, emulator, public_items, pad_id,
-                                 sorted(self.candidates), approximated_block,
-                                 self.score_batches, log)
+                                 sorted(self.candidates), change, self.score_batches, log)
         costs = {i: {r: sum(factor_cost(s, r) for s in shapes) for r in self.candidates}
                  for i, shapes in layers.items()}
         budget = sum(factor_cost(s, self.rank_ratio) for shapes in layers.values()

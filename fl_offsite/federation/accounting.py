@@ -66,7 +66,7 @@ def failure(reply: Message) -> str:
 
 
 def upload_bytes(reply: Message) -> int:
-    return sum(protocol.record_bytes(a) for a in reply.content.array_records.values())
+    return protocol.content_bytes(reply.content)
 
 
 def train_losses(replies: list[Message]) -> dict:

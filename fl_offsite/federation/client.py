@@ -59,7 +59,7 @@ def receive_bundle(msg: Message, context: Context) -> Message:
         bundle_dir = cache_root(context) / bundle_hash
         protocol.apply_bundle_delta(msg.content, base.info.path, bundle_dir)
         _EMULATED.pop(base.info.bundle_hash, None)  # other nodes still on it reload from disk
-    elif "path" in meta:
+    elif "path" in meta:  # shared-path: nothing in the message, the files are read in place
         bundle_dir = Path(str(meta["path"]))
     else:
         bundle_dir = cache_root(context) / bundle_hash
@@ -69,7 +69,11 @@ def receive_bundle(msg: Message, context: Context) -> Message:
                                 who=f"data owner {node_name(context)}")
     emulated_model(bundle_hash, bundle_dir)  # load and verify now: a bad bundle fails here
     context.state["bundle"] = ConfigRecord({"hash": bundle_hash, "path": str(bundle_dir)})
-    return Message(RecordDict({"bundle": ConfigRecord({"hash": bundle_hash})}), reply_to=msg)
+    # the receipt: what reached this data owner, by message or read from the shared path
+    received = protocol.bundle_size(bundle_dir) if "path" in meta else \
+        protocol.content_bytes(msg.content)
+    return Message(RecordDict({"bundle": ConfigRecord({"hash": bundle_hash, "bytes": received})}),
+                   reply_to=msg)
 
 
 def emulated_model(bundle_hash: str, bundle_dir: Path) -> EmulatedModel:
@@ -193,6 +197,18 @@ def _corrupt(tensors: dict, kind: str) -> dict:
     return tensors
 
 
+def _hang_past_deadline(msg: Message, round_timeout: float) -> None:
+    """Fault drill: stay silent until the model owner has stopped waiting (its deadline counts
+    from when it sent the message, not from when this worker picked it up), then give up
+    without training, so the worker is free for the next round."""
+    now = time.time()
+    sent = float(msg.metadata.created_at or now)
+    if not now - round_timeout <= sent <= now:  # another machine's clock: count from now
+        sent = now
+    time.sleep(sent + round_timeout + 1.0 - now)
+    raise RuntimeError("fault drill: hung past the round's deadline")
+
+
 def train_adapter(msg: Message, context: Context) -> Message:
     start = time.time()
     cfg = msg.content["config"]
@@ -201,8 +217,8 @@ def train_adapter(msg: Message, context: Context) -> Message:
     fault = injected_fault(task.get("faults") or {}, int(cfg.get("server-round", 0)), who)
     if fault == "crash":
         raise RuntimeError(f"fault drill: injected crash (node {who})")
-    if fault == "hang":  # the model owner stops waiting after round_timeout
-        time.sleep(float(task["round_timeout"]) + 2.0)
+    if fault == "hang":
+        _hang_past_deadline(msg, float(task["round_timeout"]))
     if fault == "die":  # no exception, no cleanup: like an out-of-memory kill
         os._exit(1)
     bundle_hash = str(cfg["bundle-hash"])

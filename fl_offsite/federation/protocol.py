@@ -21,9 +21,11 @@ Messages (Flower Message API):
 from __future__ import annotations
 
 import json
+import math
 from collections import OrderedDict
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
@@ -48,7 +50,17 @@ def record_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
 
 
 def record_bytes(record: ArrayRecord) -> int:
-    return sum(int(array.numpy().nbytes) for array in record.values())
+    """Payload bytes of the arrays (their shapes and dtypes: nothing is deserialised)."""
+    return sum(math.prod(array.shape) * np.dtype(array.dtype).itemsize
+               for array in record.values())
+
+
+def content_bytes(content: RecordDict) -> int:
+    """Payload bytes of a message as it is sent: its arrays and the byte strings (bundle
+    files, SecAgg+ keys and shares) of its config records. What the traffic counters add up."""
+    blobs = sum(len(v) for record in content.config_records.values() for value in record.values()
+                for v in (value if isinstance(value, list) else [value]) if isinstance(v, bytes))
+    return blobs + sum(record_bytes(r) for r in content.array_records.values())
 
 
 def bundle_files(bundle_dir: Path) -> dict[str, bytes]:

@@ -94,19 +94,6 @@ def _train_update(msg: Message, context: Context, call_next) -> Message:
 # --- the model owner's side --------------------------------------------------------------
 
 
-def payload_bytes(content: RecordDict) -> int:
-    """Bytes of a message's tensors and binary values (keys, shares, masked vectors), as sent."""
-    total = 0
-    for record in content.values():
-        if isinstance(record, ArrayRecord):
-            total += sum(len(a.data) for a in record.values())
-        elif isinstance(record, ConfigRecord):
-            for value in record.values():
-                items = value if isinstance(value, list) else [value]
-                total += sum(len(v) for v in items if isinstance(v, bytes))
-    return total
-
-
 class _Observed:
     """The Grid as the workflow uses it, counting bytes and keeping the training replies."""
 
@@ -120,11 +107,11 @@ class _Observed:
         messages = list(messages)
         stage = str(messages[0].content.config_records[RECORD_KEY_CONFIGS].get(Key.STAGE)) \
             if messages else "none"
-        self.bytes_down += sum(payload_bytes(m.content) for m in messages)
+        self.bytes_down += sum(protocol.content_bytes(m.content) for m in messages)
         start = time.time()
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
         self.seconds[stage] = round(time.time() - start, 3)
-        self.bytes_up += sum(payload_bytes(r.content) for r in replies if not r.has_error())
+        self.bytes_up += sum(protocol.content_bytes(r.content) for r in replies if not r.has_error())
         if stage == Stage.COLLECT_MASKED_VECTORS:
             self.trained = replies
         return replies

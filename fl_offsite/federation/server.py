@@ -145,7 +145,7 @@ class Federation:
             replies, down = secure.replies, secure.bytes_down
         else:
             replies = list(self.grid.send_and_receive(messages, timeout=cfg.round_timeout))
-            down = protocol.adapter_bytes(current) * len(messages)
+            down = sum(protocol.content_bytes(m.content) for m in messages)
         seconds_clients = time.time() - sent_at
         replies.sort(key=lambda r: nodes.key(r.metadata.src_node_id))
         for r in replies:

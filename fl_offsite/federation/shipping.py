@@ -24,22 +24,24 @@ class BundleShipper:
 
     def ship(self, grid: Grid, node_ids: set[int]) -> tuple[set[int], int, int, int]:
         """Bring those of ``node_ids`` that lack the current version up to date; returns
-        (failed nodes, full bundles sent, deltas sent, bytes sent)."""
+        (failed nodes, full bundles sent, deltas sent, bytes the data owners say they received
+        or read from the shared path)."""
         current = self.owner.info.bundle_hash
         missing = sorted(n for n in node_ids if self.delivered.get(self.name(n)) != current)
         if not missing:
             return set(), 0, 0, 0
-        messages, full, deltas, sent = [], 0, 0, 0
+        messages, full, deltas = [], 0, 0
         for n in missing:
             base = self.delivered.get(self.name(n))
             messages.append(Message(self._payload(base), dst_node_id=n,
                                     message_type=f"query.{protocol.BUNDLE_ACTION}"))
-            size = int(messages[-1].content["bundle"]["bytes"])
-            full, deltas, sent = full + (base is None), deltas + (base is not None), sent + size
-        replies = grid.send_and_receive(messages, timeout=self.timeout)
-        ok = {r.metadata.src_node_id for r in replies if not r.has_error()}
+            full, deltas = full + (base is None), deltas + (base is not None)
+        replies = [r for r in grid.send_and_receive(messages, timeout=self.timeout)
+                   if not r.has_error()]
+        ok = {r.metadata.src_node_id for r in replies}
         self.delivered.update({self.name(n): current for n in ok})
-        return set(missing) - ok, full, deltas, sent
+        received = sum(map(_receipt_bytes, replies))
+        return set(missing) - ok, full, deltas, received
 
     def _payload(self, base: str | None) -> RecordDict:
         info = self.owner.info
@@ -54,3 +56,9 @@ class BundleShipper:
         self.delivered.pop(self.name(node_id), None)
 
 
+
+
+def _receipt_bytes(reply: Message) -> int:
+    """The bytes a data owner says it received or read (0 if it says nothing sensible)."""
+    value = reply.content["bundle"].get("bytes") if "bundle" in reply.content else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0

@@ -24,6 +24,10 @@ def check_resources(cfg: Config) -> None:
         if not torch.cuda.is_available():
             raise UserError(f"resources.num_gpus: {cfg.resources.num_gpus} GPUs per client asked "
                             "for, but no CUDA GPU is visible; set resources.num_gpus=0")
+        gpus = torch.cuda.device_count()
+        if cfg.ray_address is None and cfg.resources.num_gpus > gpus:
+            raise UserError(f"resources.num_gpus: {cfg.resources.num_gpus} GPUs per client, but "
+                            f"this machine has {gpus}; use at most {gpus} (fractions share one)")
     cpus = os.cpu_count() or 1
     if cfg.ray_address is None and cfg.resources.num_cpus > cpus:
         raise UserError(f"resources.num_cpus: {cfg.resources.num_cpus} CPUs per client, but this "
