@@ -311,3 +311,36 @@ def test_per_token_distillation_runs_from_the_cli(tmp_path, pydoc_data, capsys):
     record = json.loads((out / "offsite.json").read_text())["emulator"]["distill"]
     assert record["nmse"] == "per_token" and record["lm_weight"] == 0
     assert record["held_out_best"]["nmse"] <= record["held_out_before"]["nmse"]
+
+
+def test_row_losses_add_up_to_the_models_own_loss():
+    from fl_offsite.emulators.distill import row_losses
+    from fl_offsite.training.data import collate
+
+    model = tiny_model("llama")
+    batch = collate(training_items(model, 4), 0)
+    with torch.no_grad():
+        output = model(**batch)
+    rows = row_losses(output.logits, batch["labels"])
+    assert sum(t for t, _ in rows) / sum(n for _, n in rows) == pytest.approx(
+        output.loss.item(), rel=1e-5)
+
+
+def test_the_margin_keeps_the_emulator_alone_worse_than_without_it():
+    """LLEOT-style: the same distillation with the margin penalty leaves the emulator's own
+    loss further above the full model's on held-out text, and the report says so."""
+    model = tiny_model("opt")
+    arch = resolve(model)
+    plan = make_plan(8, 2, 2, 2)
+    items = training_items(model, 16)
+    judge = Objective(plan, 1.0, 1.0, 0.0, margin=3.0, margin_weight=1.0)  # reports lm_gap
+    gaps = {}
+    for weight in (0.0, 5.0):
+        tensors, report = distill(model, emulated_from_full(model, arch, plan), arch, plan,
+                                  items[:12], items[12:], steps=20, lr=3e-3, batch_size=4,
+                                  kd_weight=1.0, lm_weight=1.0, eval_every=20, margin=3.0,
+                                  margin_weight=weight)
+        assert ("margin" in report) == bool(weight)
+        gaps[weight] = measure(judge, model, emulated_from_full(model, arch, plan, tensors),
+                               items[12:])["lm_gap"]
+    assert gaps[5.0] > gaps[0.0] + 0.05, gaps

@@ -21,7 +21,8 @@ PLAN_FIELDS = ("adapter_bottom", "adapter_top")
 SIZE_FIELDS = ("emulator_layers", "drop_ratio")
 DISTILL_PREFIXED = ("data", "steps", "lr", "batch_size", "max_examples", "eval_every",
                     "nmse", "mixed_precision")
-DISTILL_PLAIN = ("block_size", "kd_weight", "lm_weight", "layer_weight")
+DISTILL_PLAIN = ("block_size", "kd_weight", "lm_weight", "layer_weight", "margin",
+                 "margin_weight")
 LORA_FIELDS = ("lora_r", "lora_alpha", "lora_dropout")
 # the flags of each in-layer compression method (the fields they set), and their defaults
 COMPRESSION_FLAGS = {"lowrank": ("rank_ratio", "allocation"),

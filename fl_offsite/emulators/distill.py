@@ -106,10 +106,11 @@ class TeacherStates:
     """The frozen teacher's boundary states for each public item, computed on first use."""
 
     def __init__(self, teacher, arch, items: list[dict], positions: list[int], pad_id: int,
-                 autocast: bool = False):
+                 autocast: bool = False, losses: bool = False):
         self.teacher, self.blocks = teacher, arch.blocks(teacher)
         self.items, self.positions, self.pad_id, self.autocast = items, positions, pad_id, autocast
         self.cache: dict[int, list[torch.Tensor]] = {}
+        self.losses: dict[int, tuple[float, int]] | None = {} if losses else None
 
     @torch.no_grad()
     def batch(self, indices: list[int], width: int | None) -> list[torch.Tensor]:
@@ -117,10 +118,12 @@ class TeacherStates:
         missing = [i for i in indices if i not in self.cache]
         if missing:
             inputs = collate([self.items[i] for i in missing], self.pad_id)
-            inputs.pop("labels")
+            labels = inputs.pop("labels")
             with _autocast(self.autocast, self.teacher):
-                states, _ = block_outputs(self.teacher, self.blocks, self.positions, inputs,
-                                          stop=True)
+                states, output = block_outputs(self.teacher, self.blocks, self.positions,
+                                               inputs, stop=self.losses is None)
+            if self.losses is not None:
+                self.losses.update(zip(missing, row_losses(output.logits, labels)))
             for row, i in enumerate(missing):
                 n = _tokens(self.items[i]) or None
                 self.cache[i] = [states[p][row, :n].to(torch.bfloat16) for p in self.positions]
@@ -131,6 +134,24 @@ class TeacherStates:
                 rows = [torch.nn.functional.pad(r, (0, 0, 0, width - len(r))) for r in rows]
             out.append(torch.stack(rows))
         return out
+
+
+    def loss(self, indices: list[int]) -> float:
+        """The teacher's own task loss on these items (token-weighted, as the student's)."""
+        total, count = map(sum, zip(*(self.losses[i] for i in indices)))
+        return total / max(count, 1)
+
+
+def row_losses(logits: torch.Tensor, labels: torch.Tensor) -> list[tuple[float, int]]:
+    """(summed task loss, scored positions) per row: next-token cross-entropy for a language
+    model's (rows, tokens, vocab) logits, the label's for a classifier's (rows, classes)."""
+    f = torch.nn.functional
+    if logits.dim() == 2:
+        return [(float(x), 1) for x in f.cross_entropy(logits.float(), labels, reduction="none")]
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    token = f.cross_entropy(logits.transpose(1, 2), labels, reduction="none", ignore_index=-100)
+    scored = (labels != -100).sum(1)
+    return [(float(t), int(n)) for t, n in zip(token.sum(1), scored)]
 
 
 def _autocast(enabled: bool, model=None):
@@ -145,19 +166,25 @@ class Objective:
     """The distillation loss of a student built for ``plan`` against a teacher's states."""
 
     def __init__(self, plan: LayerPlan, kd_weight: float, lm_weight: float, layer_weight: float,
-                 per_token: bool = False):
+                 per_token: bool = False, margin: float = 0.0, margin_weight: float = 0.0):
         l, m = len(plan.bottom), len(plan.emulator)
         ends = [l + sum(plan.spans[:j + 1]) - 1 for j in range(m)]  # teacher blocks, by position
         self.student_positions = list(range(l, l + m)) if layer_weight else [l + m - 1]
         self.teacher_positions = ends if layer_weight else [ends[-1]]
         self.kd_weight, self.lm_weight, self.layer_weight = kd_weight, lm_weight, layer_weight
-        self.per_token = per_token
+        self.per_token, self.margin, self.margin_weight = per_token, margin, margin_weight
 
-    def __call__(self, student, arch, batch: dict, targets: list[torch.Tensor]
-                 ) -> tuple[torch.Tensor, dict[str, float]]:
-        inputs = batch if self.lm_weight else {k: v for k, v in batch.items() if k != "labels"}
+    @property
+    def needs_output(self) -> bool:
+        """Does the objective use the student's task loss (else the forward stops early)?"""
+        return bool(self.lm_weight or self.margin_weight)
+
+    def __call__(self, student, arch, batch: dict, targets: list[torch.Tensor],
+                 teacher_loss: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        inputs = batch if self.needs_output else {k: v for k, v in batch.items()
+                                                  if k != "labels"}
         states, output = block_outputs(student, arch.blocks(student), self.student_positions,
-                                       inputs, stop=not self.lm_weight)
+                                       inputs, stop=not self.needs_output)
         mask = batch["attention_mask"].bool() if "attention_mask" in batch else None
         pairs = [_nmse(states[s], t, mask, self.per_token)
                  for s, t in zip(self.student_positions, targets)]
@@ -167,6 +194,10 @@ class Objective:
         if self.lm_weight:
             loss = loss + self.lm_weight * output.loss
             parts["lm_loss"] = output.loss.item()
+        if self.margin_weight:  # LLEOT-style: the emulator alone stays `margin` nats worse
+            gap = output.loss - teacher_loss
+            loss = loss + self.margin_weight * torch.relu(self.margin - gap)
+            parts["lm_gap"] = gap.item()
         if self.layer_weight:
             layer = sum(pairs) / len(pairs)
             loss = loss + self.layer_weight * layer
@@ -187,6 +218,10 @@ def _width(batch: dict) -> int | None:
     return batch["input_ids"].shape[1] if "input_ids" in batch else None
 
 
+def _teacher_loss(objective: Objective, states: TeacherStates, indices: list[int]):
+    return states.loss(indices) if objective.margin_weight else None
+
+
 @torch.no_grad()
 def measure(objective: Objective, teacher, student, items: list[dict], batch_size: int = 8,
             pad_id: int = 0, arch=None, states: TeacherStates | None = None,
@@ -196,14 +231,16 @@ def measure(objective: Objective, teacher, student, items: list[dict], batch_siz
 
     arch = arch or resolve(student)
     states = states or TeacherStates(teacher, arch, items, objective.teacher_positions, pad_id,
-                                     autocast)
+                                     autocast, losses=bool(objective.margin_weight))
     student.eval()
     totals: dict[str, float] = {}
     weight = 0
     for indices, batch in _batches(items, batch_size, pad_id, shuffle=False):
         n = int(batch["attention_mask"].sum()) if "attention_mask" in batch else len(indices)
         with _autocast(autocast, student):
-            _, parts = objective(student, arch, batch, states.batch(indices, _width(batch)))
+            targets = states.batch(indices, _width(batch))
+            _, parts = objective(student, arch, batch, targets, _teacher_loss(objective, states,
+                                                                              indices))
         for key, value in parts.items():
             totals[key] = totals.get(key, 0.0) + value * n
         weight += n
@@ -214,11 +251,12 @@ def distill(teacher, student, arch, plan: LayerPlan, train_items: list[dict],
             val_items: list[dict], steps: int, lr: float = 1e-4, batch_size: int = 8,
             kd_weight: float = 30.0, lm_weight: float = 1.0, layer_weight: float = 0.0,
             eval_every: int = 50, seed: int = 0, pad_id: int = 0, log=None,
-            autocast: bool = False, per_token: bool = False
-            ) -> tuple[dict[str, torch.Tensor], dict]:
+            autocast: bool = False, per_token: bool = False, margin: float = 0.0,
+            margin_weight: float = 0.0) -> tuple[dict[str, torch.Tensor], dict]:
     """Train ``student``'s emulator blocks; returns the best emulator tensors and a report.
     ``autocast``: bfloat16 autocast on the model's device (a gain on GPUs and AMX CPUs only);
-    ``per_token``: the per-token NMSE instead of the global one."""
+    ``per_token``: the per-token NMSE instead of the global one; ``margin_weight`` > 0: a
+    penalty while the student's own task loss is less than ``margin`` above the teacher's."""
     if not train_items or not val_items:
         raise UserError("distill: the public data has too little text for training and a "
                         "held-out split; give more text or a smaller block_size")
@@ -228,13 +266,13 @@ def distill(teacher, student, arch, plan: LayerPlan, train_items: list[dict],
     for p in sorted({plan.order.index(i) for i in plan.emulator}):
         blocks[p].requires_grad_(True)
         params += list(blocks[p].parameters())
-    objective = Objective(plan, kd_weight, lm_weight, layer_weight, per_token)
+    objective = Objective(plan, kd_weight, lm_weight, layer_weight, per_token, margin,
+                          margin_weight)
     teacher.eval()
     torch.manual_seed(seed)
-    train_states = TeacherStates(teacher, arch, train_items, objective.teacher_positions,
-                                 pad_id, autocast)
-    val_states = TeacherStates(teacher, arch, val_items, objective.teacher_positions, pad_id,
-                               autocast)
+    train_states, val_states = (
+        TeacherStates(teacher, arch, items, objective.teacher_positions, pad_id, autocast,
+                      losses=bool(margin_weight)) for items in (train_items, val_items))
 
     def held_out():
         return measure(objective, teacher, student, val_items, batch_size, pad_id, arch,
@@ -250,8 +288,9 @@ def distill(teacher, student, arch, plan: LayerPlan, train_items: list[dict],
         for indices, batch in loader:
             student.train()
             with _autocast(autocast, student):
-                loss, _ = objective(student, arch, batch,
-                                    train_states.batch(indices, _width(batch)))
+                targets = train_states.batch(indices, _width(batch))
+                loss, _ = objective(student, arch, batch, targets,
+                                    _teacher_loss(objective, train_states, indices))
             if not math.isfinite(loss.item()):
                 raise UserError("distill: the loss became NaN/Inf; lower distill lr")
             loss.backward()
@@ -263,7 +302,9 @@ def distill(teacher, student, arch, plan: LayerPlan, train_items: list[dict],
                 scores = held_out()
                 if log:
                     log(f"distill step {step}/{steps}: held-out nmse {scores['nmse']:.4f}"
-                        + (f", lm loss {scores['lm_loss']:.3f}" if "lm_loss" in scores else ""))
+                        + (f", lm loss {scores['lm_loss']:.3f}" if "lm_loss" in scores else "")
+                        + (f", gap to the full model {scores['lm_gap']:.3f}"
+                           if "lm_gap" in scores else ""))
                 if scores["loss"] < best["loss"]:
                     best, best_step = scores, step
                     best_tensors = emulator_tensors(student, arch, plan)
@@ -273,6 +314,7 @@ def distill(teacher, student, arch, plan: LayerPlan, train_items: list[dict],
     student.eval()
     report = {"steps": steps, "best_step": best_step, "lr": lr, "batch_size": batch_size,
               "kd_weight": kd_weight, "lm_weight": lm_weight, "layer_weight": layer_weight,
+              **({"margin": margin, "margin_weight": margin_weight} if margin_weight else {}),
               "bf16": autocast, "nmse": "per_token" if per_token else "global",
               "held_out_before": start, "held_out_best": best}
     return best_tensors, report

@@ -31,6 +31,10 @@ class DistillConfig(_Section):
                              "middle output")
     lm_weight: float = Field(1.0, ge=0.0, description="weight of the student's task loss")
     layer_weight: float = Field(0.0, ge=0.0, description="weight of per-position matching")
+    margin: float = Field(1.0, ge=0.0, description="nats the emulator's own task loss must stay "
+                          "above the full model's (with margin_weight > 0)")
+    margin_weight: float = Field(0.0, ge=0.0, description="weight of the margin penalty "
+                                 "(LLEOT-style: the emulator alone stays bad; 0: off)")
     eval_every: int = Field(50, ge=1, description="held-out check (best step is kept)")
     nmse: Literal["global", "per_token"] = Field(
         "global", description="global: one ratio over all tokens (Offsite-Tuning's); per_token: "
@@ -102,7 +106,8 @@ def make_emulator(model, processor, split: SplitConfig, log=None
                                    public[0], public[1], d.steps, d.lr, d.batch_size,
                                    d.kd_weight, d.lm_weight, d.layer_weight, d.eval_every,
                                    d.seed, pad_id, log, autocast=d.mixed_precision == "bf16",
-                                   per_token=d.nmse == "per_token")
+                                   per_token=d.nmse == "per_token", margin=d.margin,
+                                   margin_weight=d.margin_weight)
         record["distill"] = {"data": d.data, **report}
     if split.compression is not None:
         record["compression"] = split.compression.fit(model, arch, plan, emulator,

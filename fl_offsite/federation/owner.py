@@ -92,7 +92,8 @@ class ModelOwner:
                                   eval_every=r.steps, seed=d.seed + rnd,
                                   pad_id=getattr(self.processor, "pad_token_id", 0) or 0,
                                   autocast=d.mixed_precision == "bf16",
-                                  per_token=d.nmse == "per_token")
+                                  per_token=d.nmse == "per_token", margin=d.margin,
+                                  margin_weight=d.margin_weight)
         adapters.load_into(self.model, self.arch, order, self.pristine)
         record = {**self.info.emulator, "realigned_after_round": rnd, "realign": report}
         target = run_dir / "bundles" / f"round-{rnd:04d}"
