@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from fl_offsite.cli import main
+from fl_offsite.models.loading import resolve_model_path
 
 DEMO_CONFIG = str(Path(__file__).parents[1] / "configs" / "demo.yaml")
 
@@ -47,6 +48,30 @@ def test_round_trip_emulator_train_plug_evaluate(tmp_path, pydoc_data, capsys):
     # the plugged directory and plug-in through --adapter give the same numbers
     printed = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
     assert printed[0]["ppl"] == pytest.approx(printed[2]["ppl"], rel=1e-5)
+
+
+def test_plugging_into_a_half_precision_checkpoint_keeps_its_dtype(tmp_path, pydoc_data):
+    """The bundle (and so the adapter) is float32 by default; the plugged model is written in
+    the checkpoint's own float16 unless --dtype says otherwise."""
+    from safetensors import safe_open
+
+    checkpoint = tmp_path / "fp16"
+    AutoModelForCausalLM.from_pretrained(
+        resolve_model_path("fl-offsite/tiny-opt"), dtype=torch.float16).save_pretrained(checkpoint)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (checkpoint / name).write_bytes((Path(resolve_model_path("fl-offsite/tiny-opt")) /
+                                         name).read_bytes())
+    bundle, adapter = tmp_path / "bundle", tmp_path / "a.safetensors"
+    assert run("emulator", "--model", checkpoint, "--out", bundle, "--emulator-layers", "2") == 0
+    assert run("train", "--bundle", bundle, "--data", pydoc_data, "--out", adapter,
+               "--max-steps", "1", "--block-size", "32") == 0
+    for flags, dtype in (([], torch.float16), (["--dtype", "float32"], torch.float32)):
+        out = tmp_path / f"plugged-{dtype}"
+        assert run("plug", "--model", checkpoint, "--adapter", adapter, "--out", out,
+                   *flags) == 0
+        with safe_open(str(out / "model.safetensors"), "pt") as f:
+            assert {f.get_tensor(k).dtype for k in f.keys()} == {dtype}
+        assert AutoModelForCausalLM.from_pretrained(out).config.dtype == dtype
 
 
 def test_lora_adapter_is_small_and_plugs_in(tmp_path, pydoc_data):

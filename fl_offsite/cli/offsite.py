@@ -153,12 +153,13 @@ def cmd_train(args) -> None:
 def cmd_plug(args) -> None:
     from ..fileio import refuse_occupied
     from ..offsite.emulated import load_adapter
-    from ..models.loading import load_processor
+    from ..models.loading import DTYPES, checkpoint_dtype, load_processor
     from ..offsite.owner import plugged_model, save_model
 
     adapter = load_adapter(existing(args.adapter, "--adapter"))
     refuse_occupied(args.out, args.overwrite)
-    model = plugged_model(args.model, adapter, args.dtype, family(args))
+    model = plugged_model(args.model, adapter, family=family(args))
+    model.to(DTYPES[args.dtype or checkpoint_dtype(args.model)])  # a float16 model stays so
     save_model(model, load_processor(args.model), args.out, args.overwrite)
     print(f"plugged {adapter.kind} adapter (blocks {list(adapter.indices)}) into {args.model} "
           f"-> {args.out}")
@@ -272,7 +273,8 @@ def add_commands(sub) -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--adapter", required=True, help="adapter file or bundle directory")
     p.add_argument("--out", required=True, type=Path, help="model directory to write")
-    p.add_argument("--dtype", **DTYPE)
+    p.add_argument("--dtype", choices=DTYPE["choices"],
+                   help="of the written model (default: the checkpoint's own)")
     p.add_argument("--family", help=FAMILY_HELP)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_plug)

@@ -62,6 +62,13 @@ def load_config(name_or_path: str):
                         f"({first_line(exc)})") from None
 
 
+def checkpoint_dtype(name_or_path: str) -> str:
+    """The dtype a checkpoint says it was saved in (``config.json``), float32 if it says none."""
+    saved = getattr(load_config(name_or_path), "dtype", None)
+    names = {v: k for k, v in DTYPES.items()}
+    return names.get(saved, saved if saved in DTYPES else "float32")
+
+
 def load_model(name_or_path: str, dtype: str = "float32", family: dict | None = None):
     """The full model, in eval mode, with caching off (blocks may be dropped later);
     ``family`` (a Family as a mapping) overrides where its parts are."""

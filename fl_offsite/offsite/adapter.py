@@ -43,6 +43,12 @@ class Adapter:
         return {"kind": self.kind, "bundle_hash": self.bundle_hash, "source_hash": self.source_hash,
                 "indices": list(self.indices), "lora": self.lora}
 
+    @property
+    def dtype_name(self) -> str:
+        """The dtype its tensors (and so its bundle) are in, by name ("float32" if mixed)."""
+        dtypes = {t.dtype for t in self.tensors.values() if t.is_floating_point()}
+        return str(dtypes.pop()).removeprefix("torch.") if len(dtypes) == 1 else "float32"
+
     def with_tensors(self, tensors: dict[str, torch.Tensor]) -> "Adapter":
         return Adapter(tensors, self.kind, self.bundle_hash, self.source_hash, self.indices,
                        self.lora)

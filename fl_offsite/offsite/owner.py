@@ -36,10 +36,11 @@ def build_bundle(model_name: str, out_dir: str | Path, split: SplitConfig | None
                         split.compression, record, overwrite=overwrite)
 
 
-def plugged_model(model_name: str, adapter: Adapter, dtype: str = "float32",
+def plugged_model(model_name: str, adapter: Adapter, dtype: str | None = None,
                   family: dict | None = None):
-    """The full model with ``adapter`` plugged in (LoRA merged)."""
-    model = load_model(model_name, dtype, family)
+    """The full model with ``adapter`` plugged in (LoRA merged), loaded in ``dtype`` (default:
+    the adapter's, i.e. its bundle's: the one the adapter's source hash was taken in)."""
+    model = load_model(model_name, dtype or adapter.dtype_name, family)
     return adapters.plug(model, resolve(model), adapter)
 
 
