@@ -108,7 +108,7 @@ class Config(Section):
                                  "uploads with secagg.enabled (it sees only their sum); unset "
                                  "it (dp.clip_norm with dp.noise_multiplier > 0 clips on the data "
                                  "owner, before masking)")
-        for key in ("nan_update", "wrong_shape", "huge_norm", "inflated_count"):
+        for key in self.faults.SCREENED:
             if getattr(self.faults, key) > 0:
                 raise ValueError(f"faults.{key}: corrupted-upload drills test the per-upload "
                                  "screen, which secagg.enabled rules out; set it to 0")

@@ -24,6 +24,7 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from ..offsite.emulated import EmulatedModel
+from ..config.sections import FaultsConfig
 from ..errors import UserError
 from ..models.loading import load_processor
 from ..training.config import TrainConfig
@@ -165,8 +166,6 @@ def _training_items(task: dict, context: Context, processor) -> list:
     return _DATA[key]
 
 
-FAULT_KINDS = ("crash", "hang", "die", "nan_update", "wrong_shape", "huge_norm",
-               "inflated_count")
 INFLATED_COUNT = 10**9  # what a lying data owner claims in the drill
 
 
@@ -177,7 +176,7 @@ def injected_fault(faults: dict, server_round: int, who: int) -> str | None:
     """
     draw = random.Random(f"{faults.get('seed', 0)}-{server_round}-{who}").random()
     edge = 0.0
-    for kind in FAULT_KINDS:
+    for kind in FaultsConfig.KINDS:
         edge += faults.get(kind, 0.0)
         if draw < edge:
             return kind
@@ -251,7 +250,7 @@ def train_adapter(msg: Message, context: Context) -> Message:
         from .privacy import privatize
         trained = trained.with_tensors(privatize(trained.tensors, global_tensors,
                                                  dp["clip_norm"], dp["noise_multiplier"]))
-    if fault in ("nan_update", "wrong_shape", "huge_norm"):
+    if fault in FaultsConfig.CORRUPTED_UPLOADS:
         trained = trained.with_tensors(_corrupt(trained.tensors, fault))
     claimed = INFLATED_COUNT if fault == "inflated_count" else len(items)
     metrics = MetricRecord({"num-examples": claimed, "train_loss": stats["train_loss"],

@@ -36,6 +36,25 @@ FORMAT_VERSION = 1
 META_FILE = "offsite.json"
 
 
+def block_of(name: str, blocks_path: str) -> tuple[int, str] | None:
+    """(block index, path inside the block) of a state-dict name; None for a shared part."""
+    prefix = blocks_path + "."
+    if not name.startswith(prefix):
+        return None
+    index, rest = name[len(prefix):].split(".", 1)
+    return int(index), rest
+
+
+def place(name: str, tensor: torch.Tensor, blocks_path: str, shared: dict,
+          blocks: dict[int, dict]) -> None:
+    """Put a state-dict tensor with the shared parts or under its block."""
+    where = block_of(name, blocks_path)
+    if where is None:
+        shared[name] = tensor
+    else:
+        blocks.setdefault(where[0], {})[where[1]] = tensor
+
+
 def split_state(model: torch.nn.Module, arch: Arch) -> tuple[dict, dict[int, dict]]:
     """(shared tensors, {original block index: {param path in block: tensor}}).
 
@@ -44,16 +63,11 @@ def split_state(model: torch.nn.Module, arch: Arch) -> tuple[dict, dict[int, dic
     shared: dict[str, torch.Tensor] = {}
     blocks: dict[int, dict[str, torch.Tensor]] = {}
     seen: set[int] = set()
-    prefix = arch.blocks_path + "."
     for name, tensor in model.state_dict(keep_vars=False).items():
         if tensor.data_ptr() in seen and tensor.numel() > 0:
             continue
         seen.add(tensor.data_ptr())
-        if name.startswith(prefix):
-            index, rest = name[len(prefix):].split(".", 1)
-            blocks.setdefault(int(index), {})[rest] = tensor
-        else:
-            shared[name] = tensor
+        place(name, tensor, arch.blocks_path, shared, blocks)
     return shared, blocks
 
 

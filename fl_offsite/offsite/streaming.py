@@ -24,6 +24,7 @@ from safetensors import safe_open
 
 from ..errors import UserError
 from ..models.families import Arch, Family, resolve, use_family
+from .bundle import block_of, place
 from ..models.loading import AUTO_CLASSES, DTYPES, load_config, resolve_model_path, task_of_config
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -76,17 +77,17 @@ class Checkpoint:
     def read(self, block_indices, log=None) -> tuple[dict, dict[int, dict]]:
         """(shared tensors, {block index: {path in block: tensor}}) for ``block_indices``
         only, in the bundle's dtype; every other tensor stays on disk (its file unopened)."""
-        wanted = set(block_indices)
-        prefix = self.arch.blocks_path + "."
+        wanted, path = set(block_indices), self.arch.blocks_path
         shared: dict[str, torch.Tensor] = {}
         blocks: dict[int, dict[str, torch.Tensor]] = {}
         by_file: dict[Path, list[tuple[str, str]]] = {}
         state = self.model.state_dict()
         for name, source in self.sources.items():
-            if name.startswith(prefix) and int(name[len(prefix):].split(".", 1)[0]) not in wanted:
-                continue
+            where = block_of(name, path)
+            if where is not None and where[0] not in wanted:
+                continue  # a block the bundle leaves out: its file may stay unopened
             if source is None:
-                self._place(name, state[name], shared, blocks)
+                place(name, state[name], path, shared, blocks)
             else:
                 by_file.setdefault(source[0], []).append((name, source[1]))
         for file, pairs in by_file.items():
@@ -100,7 +101,7 @@ class Checkpoint:
                     tensor = f.get_tensor(stored_as)
                     if tensor.is_floating_point():
                         tensor = tensor.to(self.dtype)
-                    self._place(name, tensor, shared, blocks)
+                    place(name, tensor, path, shared, blocks)
         if log:
             read = [*shared.values(), *(t for b in blocks.values() for t in b.values())]
             log(f"model owner: read {len(read)} of {len(self.sources)} tensors "
@@ -109,13 +110,6 @@ class Checkpoint:
                 " checkpoint files")
         return shared, blocks
 
-    def _place(self, name: str, tensor: torch.Tensor, shared: dict, blocks: dict) -> None:
-        prefix = self.arch.blocks_path + "."
-        if name.startswith(prefix):
-            index, rest = name[len(prefix):].split(".", 1)
-            blocks.setdefault(int(index), {})[rest] = tensor
-        else:
-            shared[name] = tensor
 
 
 def open_checkpoint(model_name: str, dtype: str = "float32", family: dict | None = None,
