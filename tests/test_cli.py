@@ -142,6 +142,9 @@ def _bad_inputs(tmp_path, pydoc_data):
         # one GPU more than this machine has (none here: refused as no GPU visible)
         (["simulate", "--config", DEMO_CONFIG, "--set",
           f"resources.num_gpus={torch.cuda.device_count() + 1}"], "resources.num_gpus"),
+        (["simulate", "--config", DEMO_CONFIG, "--set",
+          f"owner_device=cuda:{torch.cuda.device_count()}"], "owner_device: cuda:"),
+        (["simulate", "--config", DEMO_CONFIG, "--set", "owner_device=gpu"], "owner_device"),
         (["simulate", "--config", DEMO_CONFIG, "--set", "clients_per_round=20"],
          "clients_per_round"),
         (["simulate", "--config", DEMO_CONFIG, "--set", "strategy.name=fedfoo"], "strategy.name"),

@@ -37,6 +37,10 @@ class Config(Section):
     bundle_transport: Literal["shared-path", "message"] = "shared-path"
     keep_checkpoints: int = Field(2, ge=1)
     evaluate_emulator: bool = True
+    owner_device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="where "
+                              "the model owner keeps the full model and its emulator copy for "
+                              "evaluation and re-alignment (auto: the first GPU if one is "
+                              "visible, else cpu)")
     eval_every: int = Field(1, ge=1, description="evaluate plug-in (and the emulator) every N "
                             "rounds and after the last")
     ray_address: str | None = Field(None, description="attach to a running Ray cluster")

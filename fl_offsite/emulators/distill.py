@@ -117,7 +117,7 @@ class TeacherStates:
         """One (batch, tokens, hidden) tensor per position, right-padded to ``width``."""
         missing = [i for i in indices if i not in self.cache]
         if missing:
-            inputs = collate([self.items[i] for i in missing], self.pad_id)
+            inputs = _on(collate([self.items[i] for i in missing], self.pad_id), self.teacher)
             labels = inputs.pop("labels")
             with _autocast(self.autocast, self.teacher):
                 states, output = block_outputs(self.teacher, self.blocks, self.positions,
@@ -154,6 +154,12 @@ def row_losses(logits: torch.Tensor, labels: torch.Tensor) -> list[tuple[float, 
     return [(float(t), int(n)) for t, n in zip(token.sum(1), scored)]
 
 
+def _on(batch: dict, model) -> dict:
+    """``batch`` on the device ``model`` is on (the model owner's model may be on a GPU)."""
+    device = next(model.parameters()).device
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 def _autocast(enabled: bool, model=None):
     """bfloat16 autocast on the device ``model`` is on (off: a no-op)."""
     if not enabled:
@@ -181,6 +187,7 @@ class Objective:
 
     def __call__(self, student, arch, batch: dict, targets: list[torch.Tensor],
                  teacher_loss: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        batch = _on(batch, student)
         inputs = batch if self.needs_output else {k: v for k, v in batch.items()
                                                   if k != "labels"}
         states, output = block_outputs(student, arch.blocks(student), self.student_positions,

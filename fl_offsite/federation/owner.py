@@ -11,7 +11,7 @@ from ..emulators.pipeline import make_emulator
 from ..errors import UserError
 from ..fileio import load_tensors, tensors_hash
 from ..models.families import resolve
-from ..models.loading import load_model, load_processor
+from ..models.loading import load_model, load_processor, resolve_device
 from ..offsite import adapter as adapters
 from ..offsite.adapter import Adapter
 from ..offsite.bundle import keyed, split_state, write_bundle
@@ -35,7 +35,10 @@ class ModelOwner:
             plan, emulator, record = make_emulator(self.model, self.processor, cfg.split)
             write_bundle(self.model, plan, self.bundle_dir, cfg.model, self.processor, emulator,
                          cfg.split.compression, record)
+        self.device = resolve_device(cfg.owner_device)
+        self.model.to(self.device)
         self.emulated = EmulatedModel(self.bundle_dir)
+        self.emulated.model.to(self.device)
         self.info = self.emulated.info
         if tensors_hash(shared) != self.info.source_hash:
             raise UserError(f"bundle: {self.bundle_dir} was not built from {cfg.model}; "
@@ -69,6 +72,7 @@ class ModelOwner:
         """Switch to another version of the bundle (a re-aligned emulator)."""
         self.bundle_dir = bundle_dir
         self.emulated = EmulatedModel(bundle_dir)
+        self.emulated.model.to(self.device)
         self.info = self.emulated.info
         self.emulated.prepare(self.cfg.tuning.kind, self.lora, seed=self.cfg.seed)
 

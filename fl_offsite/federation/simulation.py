@@ -19,6 +19,9 @@ from ..quiet import quiet_libraries
 
 
 def check_resources(cfg: Config) -> None:
+    from ..models.loading import resolve_device
+
+    resolve_device(cfg.owner_device)  # the model owner runs in this process
     if cfg.resources.num_gpus > 0:
         import torch
         if not torch.cuda.is_available():

@@ -62,6 +62,20 @@ def load_config(name_or_path: str):
                         f"({first_line(exc)})") from None
 
 
+def resolve_device(spec: str, field: str = "owner_device") -> torch.device:
+    """``auto`` / ``cpu`` / ``cuda[:N]`` as a device that exists here (one clear line if not)."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if (device.index or 0) >= count:
+            raise UserError(f"{field}: {spec} asked for, but this machine has "
+                            f"{count or 'no'} CUDA GPU{'s' if count != 1 else ''}; use "
+                            "auto or cpu" + (f", or cuda:0..{count - 1}" if count else ""))
+    return device
+
+
 def checkpoint_dtype(name_or_path: str) -> str:
     """The dtype a checkpoint says it was saved in (``config.json``), float32 if it says none."""
     saved = getattr(load_config(name_or_path), "dtype", None)
