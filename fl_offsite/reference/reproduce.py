@@ -1,7 +1,8 @@
 """The paper's comparison on the project's own model and tasks, with one command.
 
 For each task: full model zero-shot, emulator zero-shot, full fine-tuning, emulator fine-tuned
-(the data owner's view), plug-in (that adapter in the full model), the same three with a
+(the data owner's view), plug-in (that adapter in the full model), the every-weight attack
+(a data owner training everything the bundle holds, same data and budget), the same three with a
 distilled emulator (``*_distilled``: the kept blocks distilled on public text), and federated plug-in
 (``clients`` data owners, IID and Dirichlet partitions, one local epoch per round, as many
 rounds as the single-client runs have epochs, so every setting sees the same data as often).
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from ..training import data
 from ..offsite.adapter import plug
+from ..offsite.attack import every_weight
 from ..models.families import resolve
 from ..offsite.emulated import EmulatedModel
 from ..errors import UserError
@@ -34,6 +36,7 @@ from ..training.config import TrainConfig
 from ..training.loop import train
 
 SETTINGS = ("zero_shot", "emulator_zero_shot", "full_ft", "emulator_ft", "plugin",
+            "attack_every_weight",
             "emulator_zero_shot_distilled", "emulator_ft_distilled", "plugin_distilled",
             "federated_iid", "federated_dirichlet")
 MAIN = {"lm": "ppl", "multiple-choice": "acc", "image": "acc"}
@@ -190,6 +193,10 @@ def run_task(plan: Plan, task: str, seed: int, bundle: Path, distilled: Path, ru
     out["full_ft"] = evaluate(full, test_data, processor)
     out["emulator_ft"], out["plugin"] = offsite_finetune(emulated, model, train_data,
                                                          test_data, processor, cfg, seed)
+    # the data owner who tries harder: every weight of the bundle, same data and budget
+    out["attack_every_weight"] = evaluate(every_weight(EmulatedModel(bundle),
+                                                       train_data.train_items, cfg, pad, seed),
+                                          test_data, processor)
     emulated = EmulatedModel(distilled)
     out["emulator_zero_shot_distilled"] = evaluate(emulated.model, test_data, processor)
     out["emulator_ft_distilled"], out["plugin_distilled"] = offsite_finetune(
@@ -224,7 +231,8 @@ def _better(a: float, b: float, metric: str) -> bool:
 
 
 def targets(results: dict) -> dict[str, dict[str, bool]]:
-    """The issue's targets per task: plug-in > emulator fine-tuned > zero-shot; plug-in within
+    """The issue's targets per task: plug-in > emulator fine-tuned > zero-shot, plug-in > the
+    every-weight attack (the model owner's protection); plug-in within
     10% (ppl) or 2 points (accuracy) of full fine-tuning; federated IID within 2% of plug-in."""
     checks = {}
     for task, r in results["tasks"].items():
@@ -234,6 +242,7 @@ def targets(results: dict) -> dict[str, dict[str, bool]]:
             (lambda a, b, tol: a >= b - tol)
         checks[task] = {
             "plugin_beats_emulator_ft": _better(v["plugin"], v["emulator_ft"], m),
+            "plugin_beats_every_weight_attack": _better(v["plugin"], v["attack_every_weight"], m),
             "emulator_ft_beats_zero_shot": _better(v["emulator_ft"], v["zero_shot"], m),
             "plugin_near_full_ft": close(v["plugin"], v["full_ft"], 0.10 if m == "ppl" else 0.02),
             "federated_iid_near_plugin": close(v["federated_iid"], v["plugin"],
