@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 from pathlib import Path
 
 import pytest
+
+from fl_offsite.cli import main
+from fl_offsite.federation.superlink import stop_superlinks, superlinks_of
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).parents[1]
@@ -32,9 +34,9 @@ def test_flwr_run_trains_and_writes_the_run_directory(tmp_path):
         summary = json.loads((out / "summary.json").read_text())
         assert summary["rounds"][0]["clients_ok"] == 2
         assert summary["rounds"][0]["plugin"]["ppl"] < summary["zero_shot"]["ppl"]
+        assert len(superlinks_of(home)) == 1  # flwr run leaves its local SuperLink running
+        assert main(["stop-superlink", "--flwr-home", str(home)]) == 0
+        assert superlinks_of(home) == []
     finally:
-        found = subprocess.run(["pgrep", "-f", f"flower-superlink.*{home}"], capture_output=True,
-                               text=True).stdout.split()
-        for pid in found:  # flwr run leaves its local SuperLink running
-            os.kill(int(pid), signal.SIGTERM)
+        stop_superlinks(home)
         shutil.rmtree(home, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""``fl-offsite simulate | offsite | report``: the federated commands."""
+"""``fl-offsite simulate | offsite | stop-superlink | report``: the federated commands."""
 
 from __future__ import annotations
 
@@ -58,6 +58,14 @@ def cmd_report(args) -> None:
         print(path)
 
 
+def cmd_stop_superlink(args) -> None:
+    from ..federation.superlink import stop_superlinks
+
+    stopped = stop_superlinks(args.flwr_home)
+    print(f"stopped SuperLink PID {', '.join(map(str, stopped))}" if stopped else
+          f"no SuperLink of {args.flwr_home} is running")
+
+
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML run config, e.g. configs/demo.yaml")
     p.add_argument("--resume", type=Path, metavar="RUN_DIR",
@@ -79,6 +87,11 @@ def add_commands(sub) -> None:
                                        "same apps")
     _add_run_args(p)
     p.set_defaults(func=cmd_offsite)
+
+    p = sub.add_parser("stop-superlink", help="stop the local SuperLink `flwr run` left "
+                                             "running for this Flower home (and no other)")
+    p.add_argument("--flwr-home", type=Path, required=True, help="the FLWR_HOME of the run")
+    p.set_defaults(func=cmd_stop_superlink)
 
     p = sub.add_parser("report", help="render a run's curves to PNG files in its directory")
     p.add_argument("run_dir", help="run directory holding summary.json")
