@@ -50,9 +50,10 @@ def record_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
 
 
 def record_bytes(record: ArrayRecord) -> int:
-    """Payload bytes of the arrays (their shapes and dtypes: nothing is deserialised)."""
-    return sum(math.prod(array.shape) * np.dtype(array.dtype).itemsize
-               for array in record.values())
+    """Payload bytes of the arrays: a tensor's from its shape and dtype (nothing is
+    deserialised), raw byte arrays (SecAgg+'s) as they are."""
+    return sum(math.prod(array.shape) * np.dtype(array.dtype).itemsize if array.dtype
+               else len(array.data) for array in record.values())
 
 
 def content_bytes(content: RecordDict) -> int:
