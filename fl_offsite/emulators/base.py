@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 
 class Method(BaseModel):
@@ -59,3 +59,19 @@ class Compression(Method):
     def prepare_block(cls, block, state: dict) -> None:
         """Make ``block`` able to hold ``state`` if this method compressed it (no-op if not)."""
         raise NotImplementedError
+
+
+class AllocatedCompression(Compression):
+    """An in-layer method whose per-block ratios ``allocation: gradient`` picks among
+    ``candidates`` within the budget of the ratio field named by ``budget_field``."""
+
+    budget_field: ClassVar[str]
+
+    @model_validator(mode="after")
+    def _budget_reachable(self):
+        budget = getattr(self, self.budget_field)
+        if self.allocation == "gradient" and not (
+                min(self.candidates) <= budget <= max(self.candidates)):
+            raise ValueError(f"{self.budget_field}: {budget} is outside the candidates "
+                             f"{sorted(self.candidates)}; widen split.compression.candidates")
+        return self

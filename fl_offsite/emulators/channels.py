@@ -12,16 +12,17 @@ MLP input/output pair (fused gate+up layers, MoE experts) are shipped unpruned a
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
-from pydantic import Field, PrivateAttr, model_validator
+from pydantic import Field, PrivateAttr
 
-from .base import Compression
+from .base import AllocatedCompression
 
 MLP_SHARE = 2 / 3  # of a block's weights (LLaMA: 8h^2 of 12h^2), for memory estimates
 
 
-class ChannelPruning(Compression):
+class ChannelPruning(AllocatedCompression):
+    budget_field: ClassVar[str] = "keep_ratio"
     name: Literal["channels"] = "channels"
     keep_ratio: float = Field(0.5, gt=0.0, le=1.0, description="share of each MLP's channels "
                               "kept (the mean, with gradient allocation)")
@@ -43,14 +44,6 @@ class ChannelPruning(Compression):
     @property
     def needs_public_data(self) -> bool:
         return self.importance == "activations" or self.allocation == "gradient"
-
-    @model_validator(mode="after")
-    def _budget_reachable(self):
-        if self.allocation == "gradient" and not (
-                min(self.candidates) <= self.keep_ratio <= max(self.candidates)):
-            raise ValueError(f"keep_ratio: {self.keep_ratio} is outside the candidates "
-                             f"{sorted(self.candidates)}; widen split.compression.candidates")
-        return self
 
     def weight_bytes(self, dtype_bytes: int) -> float:
         return dtype_bytes * (1 - MLP_SHARE * (1 - self.keep_ratio))

@@ -17,14 +17,15 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import Field, PrivateAttr, model_validator
+from pydantic import Field, PrivateAttr
 
-from .base import Compression
+from .base import AllocatedCompression
 
 FACTORS = ("lowrank_a", "lowrank_b")
 
 
-class LowRankCompression(Compression):
+class LowRankCompression(AllocatedCompression):
+    budget_field: ClassVar[str] = "rank_ratio"
     name: Literal["lowrank"] = "lowrank"
     rank_ratio: float = Field(0.25, gt=0.0, le=1.0, description="rank kept, as a fraction of "
                               "min(out, in) of each linear layer (the mean, with gradient "
@@ -42,14 +43,6 @@ class LowRankCompression(Compression):
     @property
     def needs_public_data(self) -> bool:
         return self.allocation == "gradient"
-
-    @model_validator(mode="after")
-    def _budget_reachable(self):
-        if self.allocation == "gradient" and not (
-                min(self.candidates) <= self.rank_ratio <= max(self.candidates)):
-            raise ValueError(f"rank_ratio: {self.rank_ratio} is outside the candidates "
-                             f"{sorted(self.candidates)}; widen split.compression.candidates")
-        return self
 
     def weight_bytes(self, dtype_bytes: int) -> float:
         return dtype_bytes * min(1.0, 2 * self.rank_ratio)  # square layers; dense past 0.5
