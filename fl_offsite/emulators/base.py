@@ -10,9 +10,9 @@ Every method is a pydantic config class tagged by ``name``; its fields are its s
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class Method(BaseModel):
@@ -66,6 +66,10 @@ class AllocatedCompression(Compression):
     ``candidates`` within the budget of the ratio field named by ``budget_field``."""
 
     budget_field: ClassVar[str]
+    allocation: Literal["uniform", "gradient"] = Field(
+        "uniform", description="uniform: the same ratio in every block; gradient: per-block "
+        "ratios chosen by adapter-gradient preservation on the public data")
+    score_batches: int = Field(4, ge=1, description="public batches per measurement")
 
     @model_validator(mode="after")
     def _budget_reachable(self):

@@ -29,12 +29,8 @@ class ChannelPruning(AllocatedCompression):
     importance: Literal["activations", "weights"] = Field(
         "activations", description="activations: |activation| x column norm on the public "
         "data; weights: row norm x column norm (no data needed)")
-    allocation: Literal["uniform", "gradient"] = Field(
-        "uniform", description="uniform: the same ratio in every block; gradient: per-block "
-        "ratios chosen by adapter-gradient preservation on the public data")
     candidates: list[float] = Field([0.125, 0.25, 0.5, 0.75, 1.0], description="ratios "
                                     "gradient allocation chooses among (1: unpruned)")
-    score_batches: int = Field(4, ge=1, description="public batches per measurement")
 
     _width: int | None = PrivateAttr(None)
     _importance: dict = PrivateAttr(default_factory=dict)

@@ -30,12 +30,8 @@ class LowRankCompression(AllocatedCompression):
     rank_ratio: float = Field(0.25, gt=0.0, le=1.0, description="rank kept, as a fraction of "
                               "min(out, in) of each linear layer (the mean, with gradient "
                               "allocation)")
-    allocation: Literal["uniform", "gradient"] = Field(
-        "uniform", description="uniform: the same ratio in every block; gradient: per-block "
-        "ratios chosen by adapter-gradient preservation on the public data")
     candidates: list[float] = Field([0.0625, 0.125, 0.25, 0.375, 1.0], description="ratios "
                                     "gradient allocation chooses among (1: dense)")
-    score_batches: int = Field(4, ge=1, description="public batches per gradient measurement")
 
     own_suffixes: ClassVar[tuple[str, ...]] = FACTORS
     _ratios: dict[int, float] = PrivateAttr(default_factory=dict)
