@@ -2,17 +2,20 @@
 
     python benchmarks/emulators.py [--model fl-offsite/ref-opt] [--data fl-offsite/devil]
         [--public fl-offsite/pydoc] [--distill-steps 200] [--epochs 2] [--out FILE.json]
+        [--methods NAME ...] [--update]
 
 For each method the model owner builds a bundle (uniform drop, similarity choice, similarity
 with shared blocks, distilled, int8, low-rank factors with uniform or gradient-allocated
-ranks, alone or on top of the drop), the data owner fine-tunes the adapter on the task's
+ranks, alone or on top of the drop, MLP channel pruning, distillation with a margin or with
+harmonizers), the data owner fine-tunes the adapter on the task's
 training split with the same budget, and the adapter is plugged into the full model; a data
 owner who tries harder trains every weight of the bundle with the same budget (the "every
 weight" attack of ``fl_offsite.offsite.attack``). Printed per method: emulator alone,
 emulator fine-tuned (adapter only), the best attack, plug-in, the margin (best attack / plug-in
 - 1), bundle MB, emulator MB held in memory, and the model owner's seconds to build it; once:
 full fine-tuning with the same budget. The goal: plug-in close to full fine-tuning while the
-best attack stays well behind plug-in.
+best attack stays well behind plug-in. ``--update`` reruns only ``--methods`` and keeps the
+other rows of ``--out`` (which must have been made with the same settings).
 """
 
 from __future__ import annotations
@@ -36,8 +39,29 @@ METHODS = {
                              "compression": {"name": "lowrank", "rank_ratio": 0.125}},
     "lowrank gradient (all middle)": {"drop_ratio": 0.0, "compression": {
         "name": "lowrank", "rank_ratio": 0.125, "allocation": "gradient"}},
+    "channels (all middle)": {"drop_ratio": 0.0, "compression": {
+        "name": "channels", "keep_ratio": 0.25}},
+    "channels gradient (all middle)": {"drop_ratio": 0.0, "compression": {
+        "name": "channels", "keep_ratio": 0.25, "allocation": "gradient"}},
+    "distilled + margin": {"distill": {"margin_weight": 1.0}},
+    "distilled + harmonizers": {"distill": {}, "harmonizer": {"width": 32}},
 }
 
+
+SETTINGS = ("model", "data", "public", "emulator_layers", "distill_steps", "epochs", "lr",
+            "max_eval")
+
+
+def previous_rows(args) -> list[dict]:
+    """The rows of ``--out`` for the methods not rerun (refused if its settings differ)."""
+    if args.out is None or not args.out.is_file():
+        raise SystemExit("--update: needs an existing --out file")
+    previous = json.loads(args.out.read_text())
+    differ = [k for k in SETTINGS if previous.get("settings", {}).get(k) != getattr(args, k)]
+    if differ:
+        raise SystemExit(f"--update: {args.out} was made with other {', '.join(differ)}; "
+                         "rerun every method without --update")
+    return [r for r in previous["methods"] if r["method"] not in args.methods]
 
 
 def emulator_memory(emulated) -> int:
@@ -60,7 +84,9 @@ def main() -> None:
     p.add_argument("--max-eval", type=int, default=300)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--out", type=Path)
+    p.add_argument("--update", action="store_true", help="keep --out's rows of other methods")
     args = p.parse_args()
+    kept = previous_rows(args) if args.update else []
 
     import torch
 
@@ -92,8 +118,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.methods:
             options = dict(METHODS[name])
-            distill = DistillConfig(data=args.public, steps=args.distill_steps if
-                                    options.pop("distill", False) else 0)
+            extra = options.pop("distill", None)
+            distill = DistillConfig(data=args.public, steps=args.distill_steps
+                                    if extra is not None else 0, **(extra or {}))
             size = {} if "drop_ratio" in options else {"emulator_layers": args.emulator_layers}
             split = SplitConfig.model_validate({**size, "distill": distill, **options})
             started = time.time()
@@ -119,6 +146,7 @@ def main() -> None:
                          "emulator_bytes_in_memory": emulator_memory(emulated),
                          "build_seconds": round(build_seconds, 1)})
             print(f"{name}: done in {time.time() - started:.0f} s", flush=True)
+    rows = sorted(kept + rows, key=lambda r: list(METHODS).index(r["method"]))
 
     print(f"\n{args.model} on {args.data} (test ppl; full model zero-shot {full_zero_shot:.1f}, "
           f"full fine-tuning {full_ft:.1f}); {args.epochs:g} epochs, lr {args.lr}")
@@ -137,6 +165,7 @@ def main() -> None:
         args.out.write_text(json.dumps({
             "model": args.model, "data": args.data, "public_data": args.public,
             "distill_steps": args.distill_steps, "epochs": args.epochs, "lr": args.lr,
+            "settings": {k: getattr(args, k) for k in SETTINGS},
             "full_zero_shot_ppl": full_zero_shot, "full_ft_ppl": full_ft, "methods": rows,
             "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s)",
         }, indent=2) + "\n")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..emulators import COMPRESSIONS, SELECTIONS
 from ..emulators.channels import ChannelPruning
+from ..emulators.harmonizer import BottleneckHarmonizer
 from ..emulators.lowrank import LowRankCompression
 from ..emulators.pipeline import DistillConfig, SplitConfig
 from ..emulators.similarity import SimilaritySelection
@@ -74,9 +75,10 @@ def split_config(args) -> SplitConfig:
             needs = " or ".join(f"--compression {m}" for m, f in COMPRESSION_FLAGS.items()
                                 if flag in f)
             raise UserError(f"--{flag.replace('_', '-')}: needs {needs}")
+    harmonizer = {"width": args.harmonizer_width} if args.harmonizer_width else None
     return build_section("split", {
         **field_values(args, PLAN_FIELDS + SIZE_FIELDS), "selection": selection,
-        "distill": distill, "compression": compression})
+        "distill": distill, "compression": compression, "harmonizer": harmonizer})
 
 
 def train_config(args) -> TrainConfig:
@@ -92,7 +94,8 @@ def cmd_emulator(args) -> None:
                         log=progress, family=family(args))
     plan = info.plan
     made = info.emulator
-    how = made["layer_selection"] + (" + distilled" if "distill" in made else "") + \
+    how = made["layer_selection"] + (" + harmonizers" if "harmonizer" in made else "") + \
+        (" + distilled" if "distill" in made else "") + \
         (f" + {made['quantize']}" if made.get("quantize") else "")
     print(f"bundle {args.out}: {plan.notation()} of {plan.depth} blocks ({how}); adapter "
           f"{list(plan.adapter)}, emulator {list(plan.emulator)}, dropped {list(plan.dropped)}; "
@@ -242,6 +245,11 @@ def add_commands(sub) -> None:
     add_fields(p, LowRankCompression, ["rank_ratio"])
     add_fields(p, ChannelPruning, ["keep_ratio", "importance"])
     add_fields(p, LowRankCompression, ["allocation"])
+    p.add_argument("--harmonizer-width", type=int, default=None, help="add a trainable "
+                   "harmonizer of this bottleneck width after each kept block that stands in "
+                   "for dropped ones (ScaleOT-style; trained by --distill-steps; default off; "
+                   f"a config's split.harmonizer.width defaults to "
+                   f"{BottleneckHarmonizer.model_fields['width'].default})")
     p.add_argument("--dtype", **DTYPE)
     p.add_argument("--family", help=FAMILY_HELP)
     p.add_argument("--overwrite", action="store_true")

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..errors import UserError
 from ..offsite.plan import LayerPlan
-from . import Compression, Selection, UniformSelection
+from . import Compression, Harmonizer, Selection, UniformSelection
 
 
 class _Section(BaseModel):
@@ -53,6 +53,7 @@ class SplitConfig(_Section):
     selection: Selection = UniformSelection()
     distill: DistillConfig = DistillConfig()
     compression: Compression | None = None
+    harmonizer: Harmonizer | None = None
 
     @property
     def needs_full_model(self) -> bool:
@@ -69,6 +70,13 @@ class SplitConfig(_Section):
             raise ValueError("distill.data is missing: distillation, similarity-based "
                              "layer selection and gradient-allocated compression need public "
                              "text (--distill-data, or split.distill.data in a config)")
+        return self
+
+    @model_validator(mode="after")
+    def _harmonizer_is_trained(self):
+        if self.harmonizer is not None and not self.distill.steps:
+            raise ValueError("harmonizer: is trained by distillation; set split.distill.steps "
+                             "> 0 (--distill-steps)")
         return self
 
 
@@ -100,9 +108,12 @@ def make_emulator(model, processor, split: SplitConfig, log=None
     plan, details = split.selection.plan(model, arch, split, public and public[0], pad_id)
     record = {"layer_selection": split.selection.name, **details}
     emulator = None
+    if split.harmonizer is not None:
+        emulator, record["harmonizer"] = _with_harmonizers(model, arch, plan, split)
     d = split.distill
     if d.steps:
-        emulator, report = distill(model, emulated_from_full(model, arch, plan), arch, plan,
+        student = emulated_from_full(model, arch, plan, emulator)
+        emulator, report = distill(model, student, arch, plan,
                                    public[0], public[1], d.steps, d.lr, d.batch_size,
                                    d.kd_weight, d.lm_weight, d.layer_weight, d.eval_every,
                                    d.seed, pad_id, log, autocast=d.mixed_precision == "bf16",
@@ -113,3 +124,15 @@ def make_emulator(model, processor, split: SplitConfig, log=None
         record["compression"] = split.compression.fit(model, arch, plan, emulator,
                                                       public and public[0], pad_id, log)
     return plan, emulator, record
+
+
+def _with_harmonizers(model, arch, plan: LayerPlan, split: SplitConfig) -> tuple[dict, dict]:
+    """The kept blocks plus untrained harmonizers, and the record of what was added."""
+    from ..offsite.bundle import keyed, split_state
+
+    dtype = next(model.parameters()).dtype
+    added = {k: v.to(dtype) for k, v in split.harmonizer.initial(
+        model.config.hidden_size, plan, split.distill.seed).items()}
+    record = {**split.harmonizer.model_dump(), "parameters": sum(v.numel() for v in added.values()),
+              "blocks": sorted({int(k.split(".", 1)[0]) for k in added})}
+    return {**keyed(split_state(model, arch)[1], plan.emulator), **added}, record

@@ -191,9 +191,10 @@ def build_emulated_model(config, plan: LayerPlan, shared: dict, emulator: dict, 
     """Assemble the emulated model from its parts, without ever materialising random weights.
 
     A block repeated in the plan is one module at several positions (shared weights); a
-    compressed emulator block is prepared by its compression method (int8: ``Int8Linear``).
+    compressed emulator block is prepared by its compression method (int8: ``Int8Linear``),
+    one with a harmonizer gets it.
     """
-    from ..emulators import COMPRESSIONS
+    from ..emulators import BLOCK_PREPARERS
 
     with init_empty_weights(include_buffers=False):
         model = AUTO_CLASSES[task].from_config(config)
@@ -209,7 +210,7 @@ def build_emulated_model(config, plan: LayerPlan, shared: dict, emulator: dict, 
             modules[position] = modules[first_position[index]]
             continue
         first_position[index] = position
-        for method in COMPRESSIONS.values():
+        for method in BLOCK_PREPARERS:
             method.prepare_block(modules[position], blocks[index])
         for path, tensor in blocks[index].items():
             state[f"{arch.blocks_path}.{position}.{path}"] = tensor
