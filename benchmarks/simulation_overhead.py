@@ -5,19 +5,23 @@ The same client work (same data partitions, same local steps, same seeds) runs
     data owner: set the global adapter, train, read the adapter back; FedAvg), and
 (b) through `fl-offsite simulate` (Flower simulation on Ray, every data owner every round).
 
-    python benchmarks/simulation_overhead.py [--sizes 4 16 64] [--rounds 3] [--out FILE.json]
+    python benchmarks/simulation_overhead.py [--sizes 4 16 64] [--rounds 3] [--repeats 3]
+        [--out FILE.json]
 
 Reported per size: cold start (everything before and after the rounds: Ray's start and stop,
 model loading, the hello to every data owner, zero-shot evaluation; plus the first round's
-extra over a warm one), seconds per
-warm round for each path, their ratio, and the per-round overhead. The simulation runs
-data owners in parallel (one per CPU); the loop runs them one after another.
+extra over a warm one), seconds per warm round for each path, their ratio, and the per-round
+overhead. The simulation runs data owners in parallel (one per CPU); the loop runs them one
+after another. The two paths alternate (sim, loop, sim, loop, ...) for ``--repeats`` rounds of
+measurement, so a load that comes and goes on the machine hits both; each number is the
+median over the repeats, and the ratio is also given as its [min, max] over the repeats.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -66,10 +70,28 @@ def sequential_loop(cfg, bundle_dir: Path) -> list[float]:
     return per_round
 
 
+def one_repeat(cfg, simulate, new_run_dir) -> dict:
+    """One simulation, then the loop on its bundle: warm-round seconds of each and their ratio."""
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        summary = simulate(cfg, new_run_dir(cfg, Path(tmp) / "run"))
+        total = time.perf_counter() - started
+        loop = sequential_loop(cfg, Path(tmp) / "run" / "bundle")
+    sim = [r["seconds_clients"] for r in summary["rounds"]]
+    warm_sim = sum(sim[1:]) / len(sim[1:])
+    warm_loop = sum(loop[1:]) / len(loop[1:])
+    rounds_s = sum(r["seconds"] for r in summary["rounds"])
+    return {"simulation_total_s": total, "cold_start_s": total - rounds_s + sim[0] - warm_sim,
+            "sim_round_s": warm_sim, "loop_round_s": warm_loop,
+            "ratio_sim_over_loop": warm_sim / warm_loop,
+            "overhead_per_round_s": warm_sim - warm_loop}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[4, 16, 64])
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="sim/loop pairs per size")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
 
@@ -80,28 +102,23 @@ def main() -> None:
     rows = []
     for n in args.sizes:
         cfg = configs.load(None, settings(n, args.rounds))
-        with tempfile.TemporaryDirectory() as tmp:
-            started = time.perf_counter()
-            summary = simulate(cfg, new_run_dir(cfg, Path(tmp) / "run"))
-            total = time.perf_counter() - started
-            loop = sequential_loop(cfg, Path(tmp) / "run" / "bundle")
-        sim = [r["seconds_clients"] for r in summary["rounds"]]
-        warm_sim = sum(sim[1:]) / len(sim[1:])
-        warm_loop = sum(loop[1:]) / len(loop[1:])
-        rounds_s = sum(r["seconds"] for r in summary["rounds"])
-        rows.append({"data_owners": n, "simulation_total_s": total,
-                     "cold_start_s": total - rounds_s + sim[0] - warm_sim, "sim_round_s": warm_sim,
-                     "loop_round_s": warm_loop, "ratio_sim_over_loop": warm_sim / warm_loop,
-                     "overhead_per_round_s": warm_sim - warm_loop,
-                     "overhead_per_message_ms": 1000 * (warm_sim - warm_loop) / n})
+        repeats = [one_repeat(cfg, simulate, new_run_dir) for _ in range(args.repeats)]
+        ratios = [r["ratio_sim_over_loop"] for r in repeats]
+        median = {k: statistics.median(r[k] for r in repeats) for k in repeats[0]}
+        rows.append({"data_owners": n, **median, "ratio_sim_over_loop_range": [min(ratios),
+                                                                               max(ratios)],
+                     "overhead_per_message_ms": 1000 * median["overhead_per_round_s"] / n,
+                     "repeats": repeats})
     print(f"{'owners':>6}{'cold start s':>14}{'sim round s':>13}{'loop round s':>14}"
-          f"{'ratio':>8}{'overhead/round s':>18}")
+          f"{'ratio [min-max]':>20}{'overhead/round s':>18}")
     for r in rows:
+        low, high = r["ratio_sim_over_loop_range"]
         print(f"{r['data_owners']:>6}{r['cold_start_s']:>14.1f}{r['sim_round_s']:>13.2f}"
-              f"{r['loop_round_s']:>14.2f}{r['ratio_sim_over_loop']:>8.2f}"
+              f"{r['loop_round_s']:>14.2f}{r['ratio_sim_over_loop']:>8.2f} [{low:.2f}-{high:.2f}]"
               f"{r['overhead_per_round_s']:>18.2f}")
     if args.out:
-        args.out.write_text(json.dumps({"rows": rows, "rounds": args.rounds}, indent=2) + "\n")
+        args.out.write_text(json.dumps({"rows": rows, "rounds": args.rounds,
+                                        "repeats": args.repeats}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

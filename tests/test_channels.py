@@ -13,6 +13,7 @@ from fl_offsite.cli import main
 from fl_offsite.emulators.channels import ChannelPruning
 from fl_offsite.emulators.channels_layers import mlp_layers, mlp_width
 from fl_offsite.emulators.int8_layers import as_linear_weight
+from fl_offsite.fileio import load_tensors
 from fl_offsite.models.families import resolve
 from fl_offsite.offsite.bundle import write_bundle
 from fl_offsite.offsite.emulated import EmulatedModel
@@ -123,11 +124,33 @@ def test_gradient_allocation_with_activation_importance_from_the_cli(tmp_path, c
                  str(tmp_path / "metrics.json")]) == 0
 
 
+def test_distilling_after_pruning_trains_the_pruned_layers(tmp_path, capsys):
+    common = ["emulator", "--model", "fl-offsite/tiny-opt", "--emulator-layers", "4",
+              "--compression", "channels", "--keep-ratio", "0.5", "--importance", "weights",
+              "--distill-data", "fl-offsite/pydoc"]
+    assert main([*common, "--out", str(tmp_path / "pruned")]) == 0
+    assert main([*common, "--out", str(tmp_path / "distilled"), "--distill-steps", "6",
+                 "--distill-eval-every", "3", "--distill-lr", "1e-3",
+                 "--distill-after-compression"]) == 0
+    assert "uniform + distilled + channels" in capsys.readouterr().out
+    made = json.loads((tmp_path / "distilled" / "offsite.json").read_text())["emulator"]
+    assert made["distill"]["held_out_best"]["nmse"] < made["distill"]["held_out_before"]["nmse"]
+    pruned, distilled = (load_tensors(tmp_path / name / "emulator.safetensors")
+                         for name in ("pruned", "distilled"))
+    assert pruned.keys() == distilled.keys()
+    assert all(pruned[k].shape == distilled[k].shape for k in pruned)  # pruned once, not twice
+    assert any(not torch.equal(pruned[k], distilled[k]) for k in pruned)
+    assert main(["evaluate", "--bundle", str(tmp_path / "distilled"), "--data",
+                 "fl-offsite/pydoc", "--block-size", "32", "--max-examples", "8"]) == 0
+
+
 @pytest.mark.parametrize("flags, needs", [
     (["--keep-ratio", "0.3"], "--keep-ratio: needs --compression channels"),
     (["--allocation", "gradient"], "--compression lowrank or --compression channels"),
     (["--compression", "int8", "--rank-ratio", "0.5"], "--rank-ratio: needs --compression lowrank"),
     (["--compression", "channels"], "distill.data is missing"),  # activations need text
+    (["--compression", "int8", "--distill-steps", "5", "--distill-data", "fl-offsite/pydoc",
+      "--distill-after-compression"], "distill.after_compression: needs distillation steps"),
 ])
 def test_in_layer_settings_without_their_method_are_refused(flags, needs, tmp_path, capsys):
     assert main(["emulator", "--model", "fl-offsite/tiny-opt", "--out", str(tmp_path / "b"),

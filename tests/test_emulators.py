@@ -211,11 +211,16 @@ def _files(bundle_dir):
             ("emulator.safetensors", "shared.safetensors", "adapter.safetensors")}
 
 
-def test_realignment_changes_only_the_emulator_blocks(tmp_path):
+@pytest.mark.parametrize("split", [
+    {},
+    {"compression": {"name": "channels", "keep_ratio": 0.5, "importance": "weights"}},
+    {"harmonizer": {"width": 4}, "distill": {**REALIGN["split"]["distill"], "steps": 2}},
+], ids=["plain", "channels", "harmonizers"])
+def test_realignment_changes_only_the_emulator_blocks(split, tmp_path):
     from fl_offsite import config as configs
     from fl_offsite.federation.server import ModelOwner
 
-    cfg = configs.load(None, REALIGN)
+    cfg = configs.load(None, {**REALIGN, "split": {**REALIGN["split"], **split}})
     owner = ModelOwner(cfg, tmp_path)
     base_dir, base_hash = owner.bundle_dir, owner.info.bundle_hash
     adapter = owner.initial.with_tensors({k: v + 0.01 for k, v in owner.initial.tensors.items()})
@@ -232,6 +237,7 @@ def test_realignment_changes_only_the_emulator_blocks(tmp_path):
                for k in old["emulator.safetensors"])
     assert (base_dir / "config.json").read_text() == (owner.bundle_dir / "config.json").read_text()
     assert report["held_out_best"]["loss"] <= report["held_out_before"]["loss"]
+    assert owner.info.emulator["quantize"] == split.get("compression", {}).get("name")
     owner.emulator_metrics(realigned)  # the new emulator takes the re-stamped adapter
 
 

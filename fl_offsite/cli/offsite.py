@@ -21,7 +21,7 @@ from .flags import add_fields, field_values
 PLAN_FIELDS = ("adapter_bottom", "adapter_top")
 SIZE_FIELDS = ("emulator_layers", "drop_ratio")
 DISTILL_PREFIXED = ("data", "steps", "lr", "batch_size", "max_examples", "eval_every",
-                    "nmse", "mixed_precision")
+                    "nmse", "mixed_precision", "after_compression")
 DISTILL_PLAIN = ("block_size", "kd_weight", "lm_weight", "layer_weight", "margin",
                  "margin_weight")
 LORA_FIELDS = ("lora_r", "lora_alpha", "lora_dropout")

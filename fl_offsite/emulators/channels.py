@@ -22,6 +22,7 @@ MLP_SHARE = 2 / 3  # of a block's weights (LLaMA: 8h^2 of 12h^2), for memory est
 
 
 class ChannelPruning(AllocatedCompression):
+    trainable: ClassVar[bool] = True  # its layers are plain (smaller) parameters
     budget_field: ClassVar[str] = "keep_ratio"
     name: Literal["channels"] = "channels"
     keep_ratio: float = Field(0.5, gt=0.0, le=1.0, description="share of each MLP's channels "

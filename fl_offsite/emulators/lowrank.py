@@ -25,6 +25,7 @@ FACTORS = ("lowrank_a", "lowrank_b")
 
 
 class LowRankCompression(AllocatedCompression):
+    trainable: ClassVar[bool] = True  # its layers are plain (smaller) parameters
     budget_field: ClassVar[str] = "rank_ratio"
     name: Literal["lowrank"] = "lowrank"
     rank_ratio: float = Field(0.25, gt=0.0, le=1.0, description="rank kept, as a fraction of "

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..errors import UserError
 from ..offsite.plan import LayerPlan
-from . import Compression, Harmonizer, Selection, UniformSelection
+from . import COMPRESSIONS, Compression, Harmonizer, Selection, UniformSelection
 
 
 class _Section(BaseModel):
@@ -41,6 +41,9 @@ class DistillConfig(_Section):
         "the mean of each token's ratio (real LLMs concentrate the hidden norm on a few tokens)")
     mixed_precision: Literal["no", "bf16"] = Field("no", description="bfloat16 autocast "
                                                     "(fast on CPUs with AMX and on GPUs)")
+    after_compression: bool = Field(False, description="distil the compressed blocks "
+                                    "(lowrank, channels) instead of compressing the distilled "
+                                    "ones")
     seed: int = 0
 
 
@@ -73,6 +76,15 @@ class SplitConfig(_Section):
         return self
 
     @model_validator(mode="after")
+    def _distillable_compression(self):
+        if self.distill.after_compression and not (
+                self.distill.steps and self.compression and self.compression.trainable):
+            trainable = ", ".join(n for n, m in COMPRESSIONS.items() if m.trainable)
+            raise ValueError(f"distill.after_compression: needs distillation steps and a "
+                             f"compression whose layers train ({trainable})")
+        return self
+
+    @model_validator(mode="after")
     def _harmonizer_is_trained(self):
         if self.harmonizer is not None and not self.distill.steps:
             raise ValueError("harmonizer: is trained by distillation; set split.distill.steps "
@@ -98,7 +110,8 @@ def public_items(cfg: DistillConfig, processor) -> tuple[list[dict], list[dict]]
 def make_emulator(model, processor, split: SplitConfig, log=None
                   ) -> tuple[LayerPlan, dict | None, dict]:
     """The plan, the emulator tensors (None: the model's own blocks) and a record of how
-    they were made. Compression is fitted here and applied when the bundle is written."""
+    they were made. Compression is fitted here and applied when the bundle is written, or,
+    with ``distill.after_compression``, applied here and the compressed blocks distilled."""
     from ..models.families import resolve
     from .distill import distill, emulated_from_full
 
@@ -111,6 +124,13 @@ def make_emulator(model, processor, split: SplitConfig, log=None
     if split.harmonizer is not None:
         emulator, record["harmonizer"] = _with_harmonizers(model, arch, plan, split)
     d = split.distill
+    if split.compression is not None and d.after_compression:
+        from ..offsite.bundle import compress_emulator, keyed, split_state
+
+        record["compression"] = split.compression.fit(model, arch, plan, emulator,
+                                                      public[0], pad_id, log)
+        emulator = compress_emulator(model, arch, emulator or keyed(
+            split_state(model, arch)[1], plan.emulator), split.compression)
     if d.steps:
         student = emulated_from_full(model, arch, plan, emulator)
         emulator, report = distill(model, student, arch, plan,
@@ -120,7 +140,7 @@ def make_emulator(model, processor, split: SplitConfig, log=None
                                    per_token=d.nmse == "per_token", margin=d.margin,
                                    margin_weight=d.margin_weight)
         record["distill"] = {"data": d.data, **report}
-    if split.compression is not None:
+    if split.compression is not None and not d.after_compression:
         record["compression"] = split.compression.fit(model, arch, plan, emulator,
                                                       public and public[0], pad_id, log)
     return plan, emulator, record

@@ -34,7 +34,8 @@ class ModelOwner:
         if not cfg.bundle and not (resume and (self.bundle_dir / "offsite.json").is_file()):
             plan, emulator, record = make_emulator(self.model, self.processor, cfg.split)
             write_bundle(self.model, plan, self.bundle_dir, cfg.model, self.processor, emulator,
-                         cfg.split.compression, record)
+                         cfg.split.compression, record,
+                         compressed=cfg.split.distill.after_compression)
         self.device = resolve_device(cfg.owner_device)
         self.model.to(self.device)
         self.emulated = EmulatedModel(self.bundle_dir)

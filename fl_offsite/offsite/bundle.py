@@ -84,6 +84,13 @@ def unkeyed(tensors: dict[str, torch.Tensor]) -> dict[int, dict[str, torch.Tenso
     return out
 
 
+def compress_emulator(model, arch: Arch, emulator: dict, compression) -> dict:
+    """``emulator`` (``"<index>.<path>"`` tensors) with each block rewritten by ``compression``."""
+    by_block = unkeyed(emulator)
+    return keyed({i: compression.compress_block(arch.blocks(model)[i], by_block[i], i)
+                  for i in by_block}, by_block)
+
+
 def emulated_config(config, plan: LayerPlan):
     """Copy of ``config`` with only the planned blocks (per-layer lists sliced to match)."""
     cfg = config.__class__.from_dict(config.to_dict())
@@ -134,12 +141,14 @@ def frozen_hash(config_json: str, plan: LayerPlan, emulator: dict, shared: dict)
 def write_bundle(model: torch.nn.Module, plan: LayerPlan, out_dir: str | Path,
                  source_model: str, processor=None, emulator: dict | None = None,
                  compression=None, record: dict | None = None,
-                 overwrite: bool = False, state: tuple[dict, dict] | None = None) -> BundleInfo:
+                 overwrite: bool = False, state: tuple[dict, dict] | None = None,
+                 compressed: bool = False) -> BundleInfo:
     """Write the bundle of ``model`` for ``plan``.
 
     ``emulator`` (``"<index>.<path>"`` tensors) replaces the kept middle blocks, e.g. with a
     distilled emulator; by default they are copied from the model. ``compression`` (an
-    ``emulators`` compression method, e.g. int8) rewrites them before they are stored;
+    ``emulators`` compression method, e.g. int8) rewrites them before they are stored
+    (``compressed``: ``emulator`` is in its format already, compressed before distillation);
     ``record`` (how the emulator was made) goes into the metadata. ``state`` (shared
     tensors, planned blocks) stands in for the model's weights when ``model`` is a skeleton
     (``streaming.py``).
@@ -152,12 +161,10 @@ def write_bundle(model: torch.nn.Module, plan: LayerPlan, out_dir: str | Path,
     emulator = emulator or keyed(blocks, plan.emulator)
     record = dict(record or {})
     if compression is not None:
-        by_block = unkeyed(emulator)
-        compressed = {i: compression.compress_block(arch.blocks(model)[i], by_block[i], i)
-                      for i in by_block}
-        record["uncompressed"] = sorted({name for state in compressed.values()
+        if not compressed:
+            emulator = compress_emulator(model, arch, emulator, compression)
+        record["uncompressed"] = sorted({name for state in unkeyed(emulator).values()
                                          for name in compression.left_uncompressed(state)})
-        emulator = keyed(compressed, by_block)
     adapter = keyed(blocks, plan.adapter)
     cfg = emulated_config(model.config, plan)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
@@ -178,7 +185,8 @@ def write_bundle(model: torch.nn.Module, plan: LayerPlan, out_dir: str | Path,
             "plan": plan.to_dict(),
             "notation": plan.notation(),
             "emulator": {"layer_selection": "uniform", **record,
-                         "quantize": compression.name if compression else None},
+                         "quantize": compression.name if compression
+                         else record.get("quantize")},  # a re-aligned version keeps its own
             "bundle_hash": frozen_hash(config_json, plan, emulator, shared),
             "source_hash": tensors_hash(shared),
         }

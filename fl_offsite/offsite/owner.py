@@ -33,7 +33,8 @@ def build_bundle(model_name: str, out_dir: str | Path, split: SplitConfig | None
     model = load_model(model_name, dtype, family)
     plan, emulator, record = make_emulator(model, processor, split, log)
     return write_bundle(model, plan, out_dir, model_name, processor, emulator,
-                        split.compression, record, overwrite=overwrite)
+                        split.compression, record, overwrite=overwrite,
+                        compressed=split.distill.after_compression)
 
 
 def plugged_model(model_name: str, adapter: Adapter, dtype: str | None = None,
