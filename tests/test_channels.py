@@ -1,5 +1,6 @@
 """MLP channel pruning: smaller layers on the wire and in memory that drop exactly the missing
-channels; blocks without a separate MLP are said to be unpruned; ratios from the CLI."""
+channels; blocks without a separate MLP are said to be unpruned; distilling the pruned layers
+(gradient allocation and refusals: test_allocation.py)."""
 
 from __future__ import annotations
 
@@ -107,23 +108,6 @@ def test_training_moves_only_the_adapter_through_a_pruned_emulator(tmp_path):
     assert any(not torch.equal(trained.tensors[k], initial.tensors[k]) for k in trained.tensors)
 
 
-def test_gradient_allocation_with_activation_importance_from_the_cli(tmp_path, capsys):
-    out = tmp_path / "bundle"
-    assert main(["emulator", "--model", "fl-offsite/tiny-opt", "--out", str(out),
-                 "--emulator-layers", "4", "--compression", "channels", "--keep-ratio", "0.5",
-                 "--allocation", "gradient", "--distill-data", "fl-offsite/pydoc"]) == 0
-    assert "uniform + channels" in capsys.readouterr().out
-    made = json.loads((out / "offsite.json").read_text())["emulator"]["compression"]
-    assert made["importance"] == "activations" and set(made["ratios"]) == {"2", "3", "4", "5"}
-    assert sum(made["ratios"].values()) / 4 <= 0.5 + 1e-9  # the budget of 0.5 everywhere
-    for scores in made["gradient_cosine"].values():
-        assert scores["1.0"] == pytest.approx(1.0)  # every channel kept: the same gradient
-        assert scores["0.125"] < 1.0
-    assert main(["evaluate", "--bundle", str(out), "--data", "fl-offsite/pydoc",
-                 "--block-size", "32", "--max-examples", "8", "--out",
-                 str(tmp_path / "metrics.json")]) == 0
-
-
 def test_distilling_after_pruning_trains_the_pruned_layers(tmp_path, capsys):
     common = ["emulator", "--model", "fl-offsite/tiny-opt", "--emulator-layers", "4",
               "--compression", "channels", "--keep-ratio", "0.5", "--importance", "weights",
@@ -142,18 +126,3 @@ def test_distilling_after_pruning_trains_the_pruned_layers(tmp_path, capsys):
     assert any(not torch.equal(pruned[k], distilled[k]) for k in pruned)
     assert main(["evaluate", "--bundle", str(tmp_path / "distilled"), "--data",
                  "fl-offsite/pydoc", "--block-size", "32", "--max-examples", "8"]) == 0
-
-
-@pytest.mark.parametrize("flags, needs", [
-    (["--keep-ratio", "0.3"], "--keep-ratio: needs --compression channels"),
-    (["--allocation", "gradient"], "--compression lowrank or --compression channels"),
-    (["--compression", "int8", "--rank-ratio", "0.5"], "--rank-ratio: needs --compression lowrank"),
-    (["--compression", "channels"], "distill.data is missing"),  # activations need text
-    (["--compression", "int8", "--distill-steps", "5", "--distill-data", "fl-offsite/pydoc",
-      "--distill-after-compression"], "distill.after_compression: needs distillation steps"),
-])
-def test_in_layer_settings_without_their_method_are_refused(flags, needs, tmp_path, capsys):
-    assert main(["emulator", "--model", "fl-offsite/tiny-opt", "--out", str(tmp_path / "b"),
-                 *flags]) == 2
-    assert needs in capsys.readouterr().err
-    assert not (tmp_path / "b").exists()

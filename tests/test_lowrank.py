@@ -1,16 +1,12 @@
 """Low-rank emulators: factors on the wire and in memory, computing exactly what their product
-computes; per-block ranks chosen by adapter-gradient preservation."""
+computes (gradient allocation, shared with channel pruning: test_allocation.py)."""
 
 from __future__ import annotations
-
-import json
 
 import pytest
 import torch
 
 from conftest import model_inputs, tiny_model, training_items
-from fl_offsite.cli import main
-from fl_offsite.emulators.gradient_scores import allocate
 from fl_offsite.emulators.lowrank import LowRankCompression
 from fl_offsite.emulators.lowrank_layers import LowRankLinear, approximated_block
 from fl_offsite.fileio import load_tensors
@@ -78,36 +74,3 @@ def test_training_moves_only_the_adapter_and_leaves_the_factors(tmp_path):
                if n in factors)
     trained = emulated.adapter()
     assert any(not torch.equal(trained.tensors[k], initial.tensors[k]) for k in trained.tensors)
-
-
-def test_allocation_gives_rank_where_the_gradient_is_sensitive():
-    ratios = [0.125, 0.25, 0.5]
-    costs = {i: {0.125: 10, 0.25: 20, 0.5: 40} for i in (2, 5)}
-    scores = {2: {0.125: 0.99, 0.25: 0.995, 0.5: 0.999},  # barely changes: cheap is enough
-              5: {0.125: 0.70, 0.25: 0.90, 0.5: 0.98}}  # the adapter's gradient needs rank
-    assert allocate(scores, costs, budget=10 + 20) == {2: 0.125, 5: 0.25}
-    assert allocate(scores, costs, budget=10 + 40) == {2: 0.125, 5: 0.5}  # uniform: 2 x 0.25
-    assert allocate(scores, costs, budget=2 * 10) == {2: 0.125, 5: 0.125}
-    assert set(allocate(scores, costs, budget=1000).values()) == {ratios[-1]}
-
-
-def test_gradient_allocation_from_the_cli_records_its_scores(tmp_path, capsys):
-    out = tmp_path / "bundle"
-    assert main(["emulator", "--model", "fl-offsite/tiny-opt", "--out", str(out),
-                 "--emulator-layers", "2", "--compression", "lowrank", "--rank-ratio", "0.25",
-                 "--allocation", "gradient", "--distill-data", "fl-offsite/pydoc"]) == 0
-    assert "uniform + lowrank" in capsys.readouterr().out
-    made = json.loads((out / "offsite.json").read_text())["emulator"]["compression"]
-    assert set(made["ratios"]) == {"2", "5"}
-    for scores in made["gradient_cosine"].values():
-        assert scores["1.0"] == pytest.approx(1.0)  # an unchanged block: the same gradient
-        assert scores["0.0625"] < scores["0.375"] <= 1.0 + 1e-9
-
-
-def test_lowrank_settings_without_lowrank_are_refused(tmp_path, capsys):
-    assert main(["emulator", "--model", "fl-offsite/tiny-opt", "--out", str(tmp_path / "b"),
-                 "--allocation", "gradient"]) == 2
-    assert "--compression lowrank or --compression channels" in capsys.readouterr().err
-    assert main(["emulator", "--model", "fl-offsite/tiny-opt", "--out", str(tmp_path / "b"),
-                 "--compression", "lowrank", "--allocation", "gradient"]) == 2
-    assert "distill.data is missing" in capsys.readouterr().err

@@ -1,0 +1,65 @@
+"""Gradient allocation, shared by the in-layer methods (low rank, channel pruning): per-block
+ratios within the budget, recorded with the cosines they were chosen by; their settings are
+refused without their method or without public text."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fl_offsite.cli import main
+from fl_offsite.emulators.gradient_scores import allocate
+
+METHODS = {  # flags, the budget, the ratio a block keeps its gradient at, a lossy one
+    "lowrank": (["--compression", "lowrank", "--rank-ratio", "0.25"], 0.25, "0.0625", "0.375"),
+    "channels": (["--compression", "channels", "--keep-ratio", "0.5"], 0.5, "0.125", "0.75"),
+}
+
+
+def test_allocation_gives_rank_where_the_gradient_is_sensitive():
+    ratios = [0.125, 0.25, 0.5]
+    costs = {i: {0.125: 10, 0.25: 20, 0.5: 40} for i in (2, 5)}
+    scores = {2: {0.125: 0.99, 0.25: 0.995, 0.5: 0.999},  # barely changes: cheap is enough
+              5: {0.125: 0.70, 0.25: 0.90, 0.5: 0.98}}  # the adapter's gradient needs rank
+    assert allocate(scores, costs, budget=10 + 20) == {2: 0.125, 5: 0.25}
+    assert allocate(scores, costs, budget=10 + 40) == {2: 0.125, 5: 0.5}  # uniform: 2 x 0.25
+    assert allocate(scores, costs, budget=2 * 10) == {2: 0.125, 5: 0.125}
+    assert set(allocate(scores, costs, budget=1000).values()) == {ratios[-1]}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_gradient_allocation_from_the_cli_records_its_scores(method, tmp_path, capsys):
+    flags, budget, lossy, milder = METHODS[method]
+    out = tmp_path / "bundle"
+    assert main(["emulator", "--model", "fl-offsite/tiny-opt", "--out", str(out),
+                 "--emulator-layers", "4", *flags, "--allocation", "gradient",
+                 "--distill-data", "fl-offsite/pydoc"]) == 0
+    assert f"uniform + {method}" in capsys.readouterr().out
+    made = json.loads((out / "offsite.json").read_text())["emulator"]["compression"]
+    assert set(made["ratios"]) == {"2", "3", "4", "5"}
+    if method == "channels":  # the budget is a share of channels, the same in every block
+        assert sum(made["ratios"].values()) / 4 <= budget + 1e-9
+        assert made["importance"] == "activations"
+    for scores in made["gradient_cosine"].values():
+        assert scores["1.0"] == pytest.approx(1.0)  # an unchanged block: the same gradient
+        assert scores[lossy] < scores[milder] <= 1.0 + 1e-9
+    assert main(["evaluate", "--bundle", str(out), "--data", "fl-offsite/pydoc",
+                 "--block-size", "32", "--max-examples", "8", "--out",
+                 str(tmp_path / "metrics.json")]) == 0
+
+
+@pytest.mark.parametrize("flags, needs", [
+    (["--keep-ratio", "0.3"], "--keep-ratio: needs --compression channels"),
+    (["--allocation", "gradient"], "--compression lowrank or --compression channels"),
+    (["--compression", "int8", "--rank-ratio", "0.5"], "--rank-ratio: needs --compression lowrank"),
+    (["--compression", "channels"], "distill.data is missing"),  # activations need text
+    (["--compression", "lowrank", "--allocation", "gradient"], "distill.data is missing"),
+    (["--compression", "int8", "--distill-steps", "5", "--distill-data", "fl-offsite/pydoc",
+      "--distill-after-compression"], "distill.after_compression: needs distillation steps"),
+])
+def test_in_layer_settings_without_their_method_are_refused(flags, needs, tmp_path, capsys):
+    assert main(["emulator", "--model", "fl-offsite/tiny-opt", "--out", str(tmp_path / "b"),
+                 *flags]) == 2
+    assert needs in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
