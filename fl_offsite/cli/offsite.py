@@ -90,8 +90,11 @@ def train_config(args) -> TrainConfig:
 def cmd_emulator(args) -> None:
     from ..offsite.owner import build_bundle
 
+    from ..models.offload import parse_max_memory
+
+    max_memory = parse_max_memory(args.max_memory) if args.max_memory else None
     info = build_bundle(args.model, args.out, split_config(args), args.dtype, args.overwrite,
-                        log=progress, family=family(args))
+                        log=progress, family=family(args), max_memory=max_memory)
     plan = info.plan
     made = info.emulator
     how = made["layer_selection"] + (" + harmonizers" if "harmonizer" in made else "") + \
@@ -252,6 +255,10 @@ def add_commands(sub) -> None:
                    f"{BottleneckHarmonizer.model_fields['width'].default})")
     p.add_argument("--dtype", **DTYPE)
     p.add_argument("--family", help=FAMILY_HELP)
+    p.add_argument("--max-memory", help="when the emulator needs forward passes (similarity, "
+                   "distillation, activation or gradient scores): hold at most this much of "
+                   "the full model, e.g. cpu=4GiB,cuda:0=20GiB, the rest offloaded to disk "
+                   "beside --out (accelerate); default: load it whole")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("public data (distillation, similarity)")

@@ -156,7 +156,9 @@ def row_losses(logits: torch.Tensor, labels: torch.Tensor) -> list[tuple[float, 
 
 def _on(batch: dict, model) -> dict:
     """``batch`` on the device ``model`` is on (the model owner's model may be on a GPU)."""
-    device = next(model.parameters()).device
+    from ..models.offload import execution_device
+
+    device = execution_device(model)
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -164,7 +166,9 @@ def _autocast(enabled: bool, model=None):
     """bfloat16 autocast on the device ``model`` is on (off: a no-op)."""
     if not enabled:
         return contextlib.nullcontext()
-    device = next(model.parameters()).device.type if model is not None else "cpu"
+    from ..models.offload import execution_device
+
+    device = execution_device(model).type if model is not None else "cpu"
     return torch.autocast(device, dtype=torch.bfloat16)
 
 

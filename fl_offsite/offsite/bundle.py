@@ -59,7 +59,14 @@ def split_state(model: torch.nn.Module, arch: Arch) -> tuple[dict, dict[int, dic
     """(shared tensors, {original block index: {param path in block: tensor}}).
 
     Tied parameters (e.g. an LM head tied to the embeddings) appear once, under their first name.
+    A model whose weights are offloaded to disk (``models.offload``) gives its checkpoint's
+    tensors instead, each block read when first used.
     """
+    from ..models.offload import CHECKPOINT_ATTRIBUTE
+
+    checkpoint = getattr(model, CHECKPOINT_ATTRIBUTE, None)
+    if checkpoint is not None:
+        return checkpoint.on_demand()
     shared: dict[str, torch.Tensor] = {}
     blocks: dict[int, dict[str, torch.Tensor]] = {}
     seen: set[int] = set()

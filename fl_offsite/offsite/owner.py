@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 from ..emulators.pipeline import SplitConfig, make_emulator
 from ..fileio import atomic_dir, refuse_occupied
 from ..models.families import resolve
 from ..models.loading import load_config, load_model, load_processor
+from ..models.offload import load_offloaded
 from . import adapter as adapters
 from .adapter import Adapter
 from .bundle import BundleInfo, write_bundle
@@ -17,7 +19,10 @@ from .streaming import open_checkpoint
 
 def build_bundle(model_name: str, out_dir: str | Path, split: SplitConfig | None = None,
                  dtype: str = "float32", overwrite: bool = False, log=None,
-                 family: dict | None = None) -> BundleInfo:
+                 family: dict | None = None, max_memory: dict | None = None) -> BundleInfo:
+    """The bundle of ``model_name`` for ``split``. A bundle that needs no forward pass is read
+    in parts from the checkpoint; one that does loads the full model, within ``max_memory``
+    (accelerate's, e.g. {"cpu": "4GiB"}) if given, the rest offloaded to disk."""
     split = split or SplitConfig()
     refuse_occupied(out_dir, overwrite)
     make_plan(load_config(model_name).num_hidden_layers, split.adapter_bottom, split.adapter_top,
@@ -30,11 +35,14 @@ def build_bundle(model_name: str, out_dir: str | Path, split: SplitConfig | None
         return write_bundle(checkpoint.model, plan, out_dir, model_name, processor, None,
                             split.compression, record, overwrite=overwrite,
                             state=checkpoint.read(plan.order, log))
-    model = load_model(model_name, dtype, family)
-    plan, emulator, record = make_emulator(model, processor, split, log)
-    return write_bundle(model, plan, out_dir, model_name, processor, emulator,
-                        split.compression, record, overwrite=overwrite,
-                        compressed=split.distill.after_compression)
+    with tempfile.TemporaryDirectory(dir=Path(out_dir).absolute().parent,
+                                     prefix=".offload-") as folder:
+        model = load_offloaded(model_name, dtype, family, max_memory, folder, log) \
+            if max_memory else load_model(model_name, dtype, family)
+        plan, emulator, record = make_emulator(model, processor, split, log)
+        return write_bundle(model, plan, out_dir, model_name, processor, emulator,
+                            split.compression, record, overwrite=overwrite,
+                            compressed=split.distill.after_compression)
 
 
 def plugged_model(model_name: str, adapter: Adapter, dtype: str | None = None,

@@ -15,6 +15,7 @@ float32), ``open_checkpoint`` says why and the caller loads the model as before.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,9 +75,11 @@ class Checkpoint:
     sources: dict[str, tuple[Path, str] | None]  # None: a buffer the checkpoint lacks
     dtype: torch.dtype
 
-    def read(self, block_indices, log=None) -> tuple[dict, dict[int, dict]]:
+    def read(self, block_indices, log=None, shared_parts: bool = True
+             ) -> tuple[dict, dict[int, dict]]:
         """(shared tensors, {block index: {path in block: tensor}}) for ``block_indices``
-        only, in the bundle's dtype; every other tensor stays on disk (its file unopened)."""
+        only, in the bundle's dtype; every other tensor stays on disk (its file unopened).
+        ``shared_parts=False`` leaves the shared parts out too."""
         wanted, path = set(block_indices), self.arch.blocks_path
         shared: dict[str, torch.Tensor] = {}
         blocks: dict[int, dict[str, torch.Tensor]] = {}
@@ -84,8 +87,9 @@ class Checkpoint:
         state = self.model.state_dict()
         for name, source in self.sources.items():
             where = block_of(name, path)
-            if where is not None and where[0] not in wanted:
-                continue  # a block the bundle leaves out: its file may stay unopened
+            if (where is None and not shared_parts) or (where is not None and
+                                                        where[0] not in wanted):
+                continue  # a part left out: its file may stay unopened
             if source is None:
                 place(name, state[name], path, shared, blocks)
             else:
@@ -110,6 +114,30 @@ class Checkpoint:
                 " checkpoint files")
         return shared, blocks
 
+    def on_demand(self) -> tuple[dict, "BlocksOnDemand"]:
+        """The shared tensors, and the blocks read when first asked for."""
+        return self.read((), shared_parts=True)[0], BlocksOnDemand(self)
+
+
+class BlocksOnDemand(Mapping):
+    """{block index: its tensors}, each block read from the checkpoint when first asked for
+    (an offloaded model's ``split_state``: only the planned blocks are ever read)."""
+
+    def __init__(self, checkpoint: Checkpoint):
+        self.checkpoint, self.read = checkpoint, {}
+
+    def __getitem__(self, index: int) -> dict:
+        if index not in self.read:
+            if not 0 <= index < len(self):
+                raise KeyError(index)
+            self.read[index] = self.checkpoint.read([index], shared_parts=False)[1][index]
+        return self.read[index]
+
+    def __iter__(self):
+        return iter(range(len(self)))
+
+    def __len__(self) -> int:
+        return len(self.checkpoint.arch.blocks(self.checkpoint.model))
 
 
 def open_checkpoint(model_name: str, dtype: str = "float32", family: dict | None = None,
