@@ -54,8 +54,10 @@ def test_pruned_layers_are_smaller_and_drop_exactly_the_missing_channels(family_
     model = tiny_model(family_name)
     width, arch = mlp_width(model.config), resolve(model)
     info = pruned_bundle(model, PLAN, tmp_path / "pruned", keep_ratio=0.5)
-    write_bundle(model, PLAN, tmp_path / "dense", "tiny")
+    dense_info = write_bundle(model, PLAN, tmp_path / "dense", "tiny")
     assert info.emulator["uncompressed"] == []
+    assert dense_info.emulator["share_of_middle"] == 0.5  # 2 of 4 like-shaped middle blocks
+    assert info.emulator["share_of_middle"] < 0.5
     assert (tmp_path / "pruned" / "emulator.safetensors").stat().st_size < \
         0.8 * (tmp_path / "dense" / "emulator.safetensors").stat().st_size
     pruned, dense = EmulatedModel(tmp_path / "pruned"), EmulatedModel(tmp_path / "dense")

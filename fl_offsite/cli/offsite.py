@@ -103,6 +103,8 @@ def cmd_emulator(args) -> None:
     print(f"bundle {args.out}: {plan.notation()} of {plan.depth} blocks ({how}); adapter "
           f"{list(plan.adapter)}, emulator {list(plan.emulator)}, dropped {list(plan.dropped)}; "
           f"hash {info.bundle_hash[:12]}")
+    print(f"emulator: {made['emulator_bytes'] / 1e6:.1f} MB, {made['share_of_middle']:.1%} of "
+          f"the {made['middle_bytes'] / 1e6:.1f} MB of middle blocks it stands in for")
     if "distill" in made:
         before, best = made["distill"]["held_out_before"], made["distill"]["held_out_best"]
         print(f"distilled: held-out nmse {before['nmse']:.4f} -> {best['nmse']:.4f} "

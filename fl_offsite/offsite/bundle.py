@@ -98,6 +98,18 @@ def compress_emulator(model, arch: Arch, emulator: dict, compression) -> dict:
                   for i in by_block}, by_block)
 
 
+def middle_share(model, arch: Arch, plan: LayerPlan, emulator: dict) -> dict:
+    """What of the secret middle the bundle ships: the emulator's bytes against the bytes of
+    the middle blocks it stands in for (the size budget an emulator is held to)."""
+    modules = arch.blocks(model)
+    middle = sum(t.numel() * t.element_size() for i in range(len(plan.bottom),
+                                                             plan.depth - len(plan.top))
+                 for t in modules[i].state_dict().values())
+    shipped = sum(t.numel() * t.element_size() for t in emulator.values())
+    return {"emulator_bytes": shipped, "middle_bytes": middle,
+            "share_of_middle": round(shipped / max(middle, 1), 4)}
+
+
 def emulated_config(config, plan: LayerPlan):
     """Copy of ``config`` with only the planned blocks (per-layer lists sliced to match)."""
     cfg = config.__class__.from_dict(config.to_dict())
@@ -173,6 +185,7 @@ def write_bundle(model: torch.nn.Module, plan: LayerPlan, out_dir: str | Path,
         record["uncompressed"] = sorted({name for state in unkeyed(emulator).values()
                                          for name in compression.left_uncompressed(state)})
     adapter = keyed(blocks, plan.adapter)
+    record.update(middle_share(model, arch, plan, emulator))
     cfg = emulated_config(model.config, plan)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         cfg.save_pretrained(tmp)
