@@ -127,4 +127,5 @@ def test_distilling_after_pruning_trains_the_pruned_layers(tmp_path, capsys):
     assert all(pruned[k].shape == distilled[k].shape for k in pruned)  # pruned once, not twice
     assert any(not torch.equal(pruned[k], distilled[k]) for k in pruned)
     assert main(["evaluate", "--bundle", str(tmp_path / "distilled"), "--data",
-                 "fl-offsite/pydoc", "--block-size", "32", "--max-examples", "8"]) == 0
+                 "fl-offsite/pydoc", "--block-size", "32", "--max-examples", "8",
+                 "--out", str(tmp_path / "metrics.json")]) == 0

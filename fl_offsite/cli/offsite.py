@@ -235,6 +235,11 @@ FAMILY_HELP = ("where the model's parts are, when the table and detection get it
 
 
 def add_commands(sub) -> None:
+    for add in (_add_emulator, _add_train, _add_plug, _add_evaluate):
+        add(sub)
+
+
+def _add_emulator(sub) -> None:
     p = sub.add_parser("emulator", help="model owner: split a model into adapter + emulator bundle")
     p.add_argument("--model", required=True, help="hub name, local path or fl-offsite/<zoo model>")
     p.add_argument("--out", required=True, type=Path, help="bundle directory to create")
@@ -268,6 +273,8 @@ def add_commands(sub) -> None:
     add_fields(g, DistillConfig, DISTILL_PLAIN)
     p.set_defaults(func=cmd_emulator)
 
+
+def _add_train(sub) -> None:
     p = sub.add_parser("train", help="data owner: fine-tune the adapter on the emulator")
     p.add_argument("--bundle", help="bundle directory from `fl-offsite emulator`")
     p.add_argument("--model", help="full model (only with --tuning full)")
@@ -286,6 +293,8 @@ def add_commands(sub) -> None:
     add_fields(g, TuningConfig, LORA_FIELDS)
     p.set_defaults(func=cmd_train)
 
+
+def _add_plug(sub) -> None:
     p = sub.add_parser("plug", help="model owner: plug an adapter into the full model")
     p.add_argument("--model", required=True)
     p.add_argument("--adapter", required=True, help="adapter file or bundle directory")
@@ -296,6 +305,8 @@ def add_commands(sub) -> None:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_plug)
 
+
+def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="metrics of a full, emulated or plugged-in model")
     p.add_argument("--model", help="full model (with --adapter: plugged in)")
     p.add_argument("--bundle", help="emulated model (with --adapter: the adapter on the emulator)")

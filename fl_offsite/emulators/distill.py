@@ -294,33 +294,16 @@ def distill(teacher, student, arch, plan: LayerPlan, train_items: list[dict],
     start = held_out()
     best, best_step = dict(start), 0
     best_tensors = emulator_tensors(student, arch, plan)
-    step = 0
-    while step < steps:
-        for indices, batch in loader:
-            student.train()
-            with _autocast(autocast, student):
-                targets = train_states.batch(indices, _width(batch))
-                loss, _ = objective(student, arch, batch, targets,
-                                    _teacher_loss(objective, train_states, indices))
-            if not math.isfinite(loss.item()):
-                raise UserError("distill: the loss became NaN/Inf; lower distill lr")
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            optimizer.zero_grad()
-            step += 1
-            if step % eval_every == 0 or step == steps:
-                scores = held_out()
-                if log:
-                    log(f"distill step {step}/{steps}: held-out nmse {scores['nmse']:.4f}"
-                        + (f", lm loss {scores['lm_loss']:.3f}" if "lm_loss" in scores else "")
-                        + (f", gap to the full model {scores['lm_gap']:.3f}"
-                           if "lm_gap" in scores else ""))
-                if scores["loss"] < best["loss"]:
-                    best, best_step = scores, step
-                    best_tensors = emulator_tensors(student, arch, plan)
-            if step >= steps:
-                break
+    for step, (indices, batch) in enumerate(_cycle(loader, steps), start=1):
+        _train_step(objective, student, arch, train_states, indices, batch, params, optimizer,
+                    autocast)
+        if step % eval_every == 0 or step == steps:
+            scores = held_out()
+            if log:
+                log(_progress(step, steps, scores))
+            if scores["loss"] < best["loss"]:
+                best, best_step = scores, step
+                best_tensors = emulator_tensors(student, arch, plan)
     student.requires_grad_(False)
     student.eval()
     report = {"steps": steps, "best_step": best_step, "lr": lr, "batch_size": batch_size,
@@ -329,3 +312,35 @@ def distill(teacher, student, arch, plan: LayerPlan, train_items: list[dict],
               "bf16": autocast, "nmse": "per_token" if per_token else "global",
               "held_out_before": start, "held_out_best": best}
     return best_tensors, report
+
+
+def _cycle(loader, steps: int):
+    """Exactly ``steps`` batches, going over ``loader`` again as often as needed."""
+    step = 0
+    while step < steps:
+        for item in loader:
+            yield item
+            step += 1
+            if step >= steps:
+                return
+
+
+def _train_step(objective: Objective, student, arch, states: TeacherStates, indices, batch,
+                params, optimizer, autocast: bool) -> None:
+    student.train()
+    with _autocast(autocast, student):
+        targets = states.batch(indices, _width(batch))
+        loss, _ = objective(student, arch, batch, targets,
+                            _teacher_loss(objective, states, indices))
+    if not math.isfinite(loss.item()):
+        raise UserError("distill: the loss became NaN/Inf; lower distill lr")
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def _progress(step: int, steps: int, scores: dict[str, float]) -> str:
+    return (f"distill step {step}/{steps}: held-out nmse {scores['nmse']:.4f}"
+            + (f", lm loss {scores['lm_loss']:.3f}" if "lm_loss" in scores else "")
+            + (f", gap to the full model {scores['lm_gap']:.3f}" if "lm_gap" in scores else ""))

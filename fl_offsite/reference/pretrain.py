@@ -154,15 +154,12 @@ def pretrain(data_dir: Path, out: Path, cfg: PretrainConfig, resume: bool = Fals
     ckpt = work / "checkpoint.pt"
     if resume and ckpt.exists():
         step, best, history = _restore(ckpt, cfg, model, opt, sched, gen)
-    starts_max = len(train) - cfg.context - 1
     model.train()
     bar = tqdm(total=steps, initial=step, desc="pretrain", unit="step", file=sys.stdout,
                mininterval=10)
     started = time.time()
     while step < steps:
-        starts = torch.randint(starts_max, (cfg.batch,), generator=gen)
-        batch = torch.stack([torch.from_numpy(train[s:s + cfg.context].astype(np.int64))
-                             for s in starts.tolist()])
+        batch = _sample_batch(train, cfg, gen)
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -190,8 +187,20 @@ def pretrain(data_dir: Path, out: Path, cfg: PretrainConfig, resume: bool = Fals
             "validation_tokens": int(len(val)), "validation_perplexity": val_ppl,
             "parameters": sum(p.numel() for p in model.parameters()), "config": asdict(cfg),
             "history": history, "command": command}
+    _write_model(out, model, tokenizer, card)
+    return card
+
+
+def _sample_batch(train: np.ndarray, cfg: PretrainConfig, gen: torch.Generator) -> torch.Tensor:
+    """``cfg.batch`` random ``cfg.context``-token windows of the training tokens."""
+    starts = torch.randint(len(train) - cfg.context - 1, (cfg.batch,), generator=gen)
+    return torch.stack([torch.from_numpy(train[s:s + cfg.context].astype(np.int64))
+                        for s in starts.tolist()])
+
+
+def _write_model(out: Path, model, tokenizer, card: dict) -> None:
+    """The finished model in float16, its tokenizer and card, written atomically."""
     with atomic_dir(out, overwrite=True) as tmp:
         model.half().save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "pretraining.json").write_text(json.dumps(card, indent=2) + "\n")
-    return card
