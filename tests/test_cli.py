@@ -94,6 +94,10 @@ def test_full_fine_tuning_baseline(tmp_path, pydoc_data):
 def _bad_inputs(tmp_path, pydoc_data):
     bundle = tmp_path / "bundle"
     run("emulator", "--model", "fl-offsite/tiny-opt", "--out", bundle)
+    no_test = tmp_path / "no-test"
+    no_test.mkdir()
+    for split in ("train", "validation"):
+        (no_test / f"{split}.jsonl").write_text('{"text": "a line"}\n')
     wrong = tmp_path / "wrong.jsonl"
     wrong.write_text('{"question": "x"}\n')
     occupied = tmp_path / "occupied"
@@ -102,10 +106,14 @@ def _bad_inputs(tmp_path, pydoc_data):
     bad = {"empty.jsonl": b"", "latin1.jsonl": b'{"text": "caf\xe9 au lait"}\n',
            "latin1.csv": b"text\ncaf\xe9\n", "broken.jsonl": b'{"text": "no end"\n',
            "label5.jsonl": b'{"context": "a", "choices": ["x", "y"], "label": 5}\n',
-           "label-1.jsonl": b'{"context": "a", "choices": ["x", "y"], "label": -1}\n'}
+           "label-1.jsonl": b'{"context": "a", "choices": ["x", "y"], "label": -1}\n',
+           "empty.csv": b"", "empty.txt": b"\n", "latin1.txt": b"ok\ncaf\xe9\n",
+           "header-only.csv": b"text\n"}
     expected = {"empty.jsonl": "is empty", "latin1.jsonl": "line 1 is not UTF-8",
                 "latin1.csv": "line 2 is not UTF-8", "broken.jsonl": "line 1 is not valid JSON",
-                "label5.jsonl": "row 0: label 5", "label-1.jsonl": "row 0: label -1"}
+                "label5.jsonl": "row 0: label 5", "label-1.jsonl": "row 0: label -1",
+                "empty.csv": "is empty", "empty.txt": "is empty",
+                "latin1.txt": "line 2 is not UTF-8", "header-only.csv": "has a header but no rows"}
     data_cases = []
     for name, content in bad.items():
         (tmp_path / "bad-data").mkdir(exist_ok=True)
@@ -127,6 +135,10 @@ def _bad_inputs(tmp_path, pydoc_data):
           tmp_path / "o4.safetensors"], "--bundle"),
         (["train", "--bundle", bundle, "--data", tmp_path / "nodata", "--out",
           tmp_path / "o5.safetensors"], "--data"),
+        (["evaluate", "--model", "fl-offsite/tiny-opt", "--data", no_test, "--out",
+          tmp_path / "never.json"], "has no test file; expected test.jsonl (or .jsonl, .json, "
+                                    ".csv, .parquet, .txt) in that directory; it has train, "
+                                    "validation: choose one with --split"),
         (["train", "--bundle", bundle, "--data", wrong, "--out", tmp_path / "o6.safetensors"],
          "--data: columns"),
         (["train", "--tuning", "full", "--bundle", bundle, "--data", pydoc_data, "--out",
@@ -200,3 +212,29 @@ def test_a_bad_config_is_refused_before_torch_flower_or_datasets_load():
                           timeout=120)
     assert proc.stdout.split("\n")[0] == "2 []", proc.stdout + proc.stderr
     assert "--set rounds" in proc.stderr
+
+
+def test_datasets_saved_to_disk_are_read_as_they_are(tmp_path, pydoc_data):
+    """A ``save_to_disk`` directory, as many users keep data: a DatasetDict gives its splits, a
+    single Dataset serves every split (as a single file does)."""
+    import datasets
+
+    rows = [json.loads(line) for line in (Path(pydoc_data) / "train.jsonl").read_text()
+            .splitlines()[:40]]
+    saved_dict, saved_one = tmp_path / "dict", tmp_path / "one"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:30]),
+                          "test": datasets.Dataset.from_list(rows[30:])}).save_to_disk(saved_dict)
+    datasets.Dataset.from_list(rows).save_to_disk(saved_one)
+    bundle = tmp_path / "bundle"
+    assert run("emulator", "--model", "fl-offsite/tiny-opt", "--out", bundle) == 0
+    for saved in (saved_dict, saved_one):
+        adapter = tmp_path / f"{saved.name}.safetensors"
+        assert run("train", "--bundle", bundle, "--data", saved, "--block-size", "32",
+                   "--max-steps", "2", "--out", adapter) == 0
+        out = tmp_path / f"{saved.name}.json"
+        assert run("evaluate", "--bundle", bundle, "--adapter", adapter, "--data", saved,
+                   "--block-size", "32", "--out", out) == 0
+        assert json.loads(out.read_text())["ppl"] > 1
+    assert run("evaluate", "--bundle", bundle, "--data", saved_dict, "--split", "validation",
+               "--out", tmp_path / "never.json") == 2
+    assert not (tmp_path / "never.json").exists()

@@ -15,7 +15,7 @@ from fl_offsite.models.families import resolve
 from fl_offsite.offsite.bundle import split_state, write_bundle
 from fl_offsite.offsite.emulated import EmulatedModel, bundle_adapter
 from fl_offsite.errors import UserError
-from fl_offsite.offsite.plan import make_plan
+from fl_offsite.offsite.plan import LayerPlan, make_plan
 from fl_offsite.training.config import TrainConfig
 from fl_offsite.training.loop import train
 
@@ -80,10 +80,25 @@ def test_an_architecture_without_blocks_says_what_is_missing():
         resolve(Odd())
     msg = str(err.value)
     assert "'odd'" in msg and "no ModuleList of length num_hidden_layers" in msg and \
-        "register_family" in msg and "\n" not in msg
+        "--family" in msg and "family: key" in msg and "\n" not in msg
 
 
 # --- bundle -----------------------------------------------------------------------------------
+
+def test_per_layer_attention_kinds_follow_the_blocks_they_belong_to(tmp_path):
+    """Gemma 3 interleaves sliding-window and full attention per layer (``layer_types``): the
+    emulated model's config is sliced with the plan, so a kept block keeps its own kind."""
+    model = tiny_model("gemma3_text")
+    kinds = model.config.layer_types
+    full_block = kinds.index("full_attention")
+    plan = LayerPlan(depth=8, bottom=(0, 1), emulator=(3, full_block), top=(6, 7), spans=(2, 2))
+    write_bundle(model, plan, tmp_path / "b", "tiny")
+    emulated = EmulatedModel(tmp_path / "b")
+    assert emulated.model.config.layer_types == [kinds[i] for i in plan.order]
+    blocks = resolve(emulated.model).blocks(emulated.model)
+    assert [b.self_attn.layer_type for b in blocks] == [kinds[i] for i in plan.order]
+    assert not blocks[plan.order.index(full_block)].self_attn.is_sliding
+
 
 def test_emulator_keeping_every_middle_block_reproduces_the_full_model(family, tmp_path):
     model = tiny_model(family)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import Array, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fl_offsite.errors import UserError
@@ -94,3 +94,22 @@ def test_a_bundle_hash_that_is_not_hex_is_refused_by_the_data_owner(payload, tmp
     with pytest.raises(UserError, match="refusing bundle hash"):
         client.receive_bundle(msg, context)
     assert not (tmp_path / "c").exists() and not (tmp_path / "outside").exists()
+
+
+def test_a_payload_whose_content_is_not_the_announced_bundle_is_never_kept(payload, tiny_bundle,
+                                                                          tmp_path):
+    """The cache is addressed by the announced hash: a corrupted (or forged) copy written there
+    would shadow every good copy sent later, so it is refused before it is renamed into place."""
+    info, content = payload
+    arrays = content["arrays"]
+    key = next(k for k in arrays if k.startswith("emulator.safetensors/"))
+    tensor = arrays[key].numpy().copy()
+    tensor.flat[0] += 1.0
+    arrays[key] = Array(tensor)
+    target = tmp_path / "cache" / "bundles" / info.bundle_hash
+    with pytest.raises(UserError, match="announced"):
+        protocol.write_bundle_content(content, target)
+    assert not target.exists() and list((tmp_path / "cache" / "bundles").iterdir()) == []
+    good = protocol.bundle_content(tiny_bundle, info.bundle_hash, "message")
+    protocol.write_bundle_content(good, target)  # the next, good copy is kept
+    assert read_info(target).bundle_hash == info.bundle_hash

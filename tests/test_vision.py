@@ -58,7 +58,6 @@ def test_digits_task_is_well_formed_with_disjoint_splits():
 
 
 def test_the_documented_command_rebuilds_the_shipped_data(tmp_path):
-    pytest.importorskip("sklearn")
     vision.main(["data", "--out", str(tmp_path)])
     for name in ("digits", "rendered-digits"):
         for file in sorted((data.PACKAGED_DIR / name).iterdir()):

@@ -115,8 +115,20 @@ def _write_files(content: RecordDict, tmp: Path) -> None:
         (tmp / file_name(key)).write_bytes(data)
 
 
+def _check_received(bundle_dir: Path, announced: str) -> None:
+    """Refuse received files whose content is not the announced bundle, before they are kept:
+    the cache is addressed by that hash, and a bad copy under it would shadow every good one."""
+    from ..offsite.bundle import content_hash
+
+    actual = content_hash(bundle_dir)
+    if actual != announced:
+        raise UserError(f"bundle: the received files hash to {actual[:12]}, the model owner "
+                        f"announced {announced[:12]}; nothing was kept")
+
+
 def write_bundle_content(content: RecordDict, target: Path) -> None:
-    """Recreate a bundle directory from a ``message``-transport payload."""
+    """Recreate a bundle directory from a ``message``-transport payload; it is kept (renamed to
+    ``target``, named by the announced hash) only if its content has that hash."""
     from ..fileio import atomic_dir, save_tensors
 
     per_file: dict[str, dict[str, torch.Tensor]] = {n: {} for n in TENSOR_FILES}
@@ -132,6 +144,7 @@ def write_bundle_content(content: RecordDict, target: Path) -> None:
         for name, tensors in per_file.items():
             save_tensors(tmp / name, tensors)
         _write_files(content, tmp)
+        _check_received(tmp, str(content["bundle"]["hash"]))
 
 
 DELTA_FILES = ("emulator.safetensors",)
@@ -170,6 +183,7 @@ def apply_bundle_delta(content: RecordDict, base_dir: Path, target: Path) -> Non
                 shutil.copy2(base_dir / name, tmp / name)
         save_tensors(tmp / "emulator.safetensors", emulator)
         _write_files(content, tmp)
+        _check_received(tmp, str(content["bundle"]["hash"]))
 
 
 def task_config(bundle_hash: str, task: dict) -> ConfigRecord:

@@ -178,11 +178,15 @@ class Federation:
                 traffic) -> dict:
         name = self.nodes.name
         evaluated = rnd % self.cfg.eval_every == 0 or rnd == self.cfg.rounds
+        started = time.time()
+        plugin = self.owner.plugin_metrics(current) if evaluated else {}
+        emulator = self.owner.emulator_metrics(current) \
+            if evaluated and self.cfg.evaluate_emulator else {}
         record = {
             "round": rnd,
-            "plugin": self.owner.plugin_metrics(current) if evaluated else {},
-            "emulator": self.owner.emulator_metrics(current)
-            if evaluated and self.cfg.evaluate_emulator else {},
+            "plugin": plugin,
+            "emulator": emulator,
+            "seconds_evaluation": time.time() - started,
             "clients_sampled": len(sampled),
             "clients_ok": len(valid),
             "clients_failed": len(sampled) - len(ok),

@@ -18,8 +18,8 @@ from transformers.pytorch_utils import Conv1D
 
 from ..errors import UserError
 
-REGISTER_HINT = ("say where its parts are with fl_offsite.models.families.register_family("
-                 "model_type, Family(...))")
+REGISTER_HINT = ("say where its parts are with --family '{\"blocks\": [\"model.layers\"], ...}' "
+                 "(or a run config's family: key; bundles carry it to every data owner)")
 
 
 def _path_of(model: torch.nn.Module, module) -> tuple[str, ...]:

@@ -153,8 +153,8 @@ def resolve(model: torch.nn.Module) -> Arch:
     if not blocks:
         raise UserError(
             f"model: {model_type!r} model {type(model).__name__} has no transformer blocks at "
-            f"{' or '.join(family.blocks)}; fix the Family entry for {model_type!r} with "
-            "fl_offsite.models.families.register_family"
+            f"{' or '.join(family.blocks)}; give the right paths with --family (or a run config's "
+            "family: key)"
         )
 
     def present(paths: tuple[str, ...]) -> tuple[str, ...]:

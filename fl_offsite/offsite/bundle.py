@@ -254,6 +254,17 @@ def build_emulated_model(config, plan: LayerPlan, shared: dict, emulator: dict, 
     return model.eval()
 
 
+def _content_hash(path: Path, info: BundleInfo, emulator: dict, shared: dict) -> str:
+    return frozen_hash((path / "config.json").read_text(), info.plan, emulator, shared)
+
+
+def content_hash(bundle_dir: str | Path) -> str:
+    """The hash of what ``bundle_dir`` holds, recomputed from its files (not its metadata's)."""
+    info = read_info(bundle_dir)
+    return _content_hash(info.path, info, load_tensors(info.path / "emulator.safetensors"),
+                         load_tensors(info.path / "shared.safetensors"))
+
+
 def load_bundle(bundle_dir: str | Path, verify: bool = True) -> tuple[torch.nn.Module, BundleInfo]:
     """The data owner's runnable emulated model (adapter = the bundle's initial adapter)."""
     from transformers import AutoConfig
@@ -265,7 +276,7 @@ def load_bundle(bundle_dir: str | Path, verify: bool = True) -> tuple[torch.nn.M
     shared = load_tensors(path / "shared.safetensors")
     adapter = load_tensors(path / "adapter.safetensors")
     if verify:
-        actual = frozen_hash((path / "config.json").read_text(), info.plan, emulator, shared)
+        actual = _content_hash(path, info, emulator, shared)
         if actual != info.bundle_hash:
             raise UserError(f"--bundle: {path} content hash {actual[:12]} does not match its "
                             f"metadata ({info.bundle_hash[:12]}); the bundle was modified or "

@@ -63,6 +63,9 @@ def check_file(file: Path) -> None:
         line = raw[:exc.start].count(b"\n") + 1
         raise UserError(f"--data: {file} line {line} is not UTF-8 ({exc.reason}); convert the "
                         f"file, e.g. iconv -f latin1 -t utf-8") from None
+    if file.suffix == ".csv" and len([line for line in text.splitlines() if line.strip()]) < 2:
+        raise UserError(f"--data: {file} has a header but no rows; give it one row per "
+                        "example below the header")
     if file.suffix == ".jsonl":
         import json
 
@@ -75,17 +78,45 @@ def check_file(file: Path) -> None:
                                     f"({exc.msg}); one JSON object per line") from None
 
 
+def _splits_in(path: Path) -> list[str]:
+    return sorted({f.stem for f in path.iterdir() if f.suffix in EXTENSIONS}) if path.is_dir() else []
+
+
+def _from_disk(path: Path, split: str):
+    """A directory written by ``datasets``' ``save_to_disk``: a ``Dataset`` (it serves every
+    split, as a single file does) or a ``DatasetDict`` (its ``split``)."""
+    import datasets
+
+    saved = datasets.load_from_disk(str(path))
+    if isinstance(saved, datasets.DatasetDict):
+        if split not in saved:
+            raise UserError(f"--data: {path} (a saved DatasetDict) has no {split!r} split; it "
+                            f"has {', '.join(saved)}: choose one with --split / data.eval_split")
+        return saved[split]
+    return saved
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return path.is_dir() and any((path / n).is_file() for n in ("dataset_info.json",
+                                                                  "dataset_dict.json"))
+
+
 def load_split(spec: str, split: str):
     """One split of a dataset as a ``datasets.Dataset``."""
     import datasets
 
     spec = resolve_data_path(spec)
     path = Path(spec)
+    if _is_saved_dataset(path):
+        return _from_disk(path, split)
     if path.exists():
         file = _local_file(path, split)
         if file is None:
+            present = _splits_in(path)
+            hint = (f"; it has {', '.join(present)}: choose one with --split / data.eval_split"
+                    if present else "")
             raise UserError(f"--data: {spec} has no {split} file; expected {split}.jsonl "
-                            f"(or {', '.join(EXTENSIONS)}) in that directory")
+                            f"(or {', '.join(EXTENSIONS)}) in that directory{hint}")
         builder = EXTENSIONS.get(file.suffix)
         if builder is None:
             raise UserError(f"--data: {file} has an unsupported extension; use one of "
@@ -129,11 +160,13 @@ class TaskData:
 
 
 def lm_items(texts, tokenizer, block_size: int) -> list[dict]:
+    """Every text (one tokenizer call for all), each ended by EOS, concatenated and cut into
+    ``block_size`` blocks."""
     eos = tokenizer.eos_token_id
+    texts = [text for text in texts if text and text.strip()]
     ids: list[int] = []
-    for text in texts:
-        if text and text.strip():
-            ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"] + [eos])
+    for tokens in (tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []):
+        ids.extend(tokens + [eos])
     n = len(ids) // block_size
     if n == 0:
         raise UserError(f"--data: only {len(ids)} tokens, fewer than one block of "
@@ -147,16 +180,20 @@ def context_text(example: dict) -> str:
 
 
 def mc_items(ds, tokenizer, block_size: int, source: str = "--data") -> list[dict]:
-    """Context + gold choice; loss only on the choice's tokens."""
-    items = []
-    for row, ex in enumerate(ds):
+    """Context + gold choice; loss only on the choice's tokens (all rows checked, then
+    tokenised in one call each for contexts and choices)."""
+    rows = list(ds)
+    for row, ex in enumerate(rows):
         label = ex["label"]
         if isinstance(label, bool) or not isinstance(label, int) or \
                 not 0 <= label < len(ex["choices"]):
             raise UserError(f"{source}: row {row}: label {label!r} is not the index of one of its "
                             f"{len(ex['choices'])} choices; use 0..{len(ex['choices']) - 1}")
-        ctx = tokenizer(context_text(ex), add_special_tokens=False)["input_ids"]
-        cont = tokenizer(ex["choices"][label], add_special_tokens=False)["input_ids"]
+    contexts = tokenizer([context_text(ex) for ex in rows], add_special_tokens=False)["input_ids"]
+    golds = tokenizer([ex["choices"][ex["label"]] for ex in rows],
+                      add_special_tokens=False)["input_ids"]
+    items = []
+    for ctx, cont in zip(contexts, golds):
         ids = (ctx + cont)[-block_size:]
         labels = ([-100] * len(ctx) + cont)[-block_size:]
         items.append({"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)})
