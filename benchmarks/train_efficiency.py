@@ -7,7 +7,7 @@ neither the Python + torch runtime nor loading the model counts), and the config
 that load drifting over the run hits them all alike:
 
     python benchmarks/train_efficiency.py [--out FILE.json] [--model NAME] [--l 2 --k 8 --r 2]
-                                          [--repeats 3]
+                                          [--repeats 3] [--autocast bf16]
 
 Default model: a 24-block OPT-shaped model built from a config (no download), 2-8-2, batch 1,
 sequence 512, as in the reference implementation's efficiency runs. Each worker measures, on
@@ -156,7 +156,8 @@ def worker(name: str, args) -> dict:
         _reset_peak_rss()
 
     def step():
-        loss = model(input_ids=batch, labels=batch).loss
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=args.autocast == "bf16"):
+            loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -243,6 +244,9 @@ def main() -> None:
     p.add_argument("--out", type=Path)
     p.add_argument("--model", help="HF name or path (default: OPT-shaped model from a config)")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--autocast", choices=["no", "bf16"], default="no",
+                   help="bfloat16 autocast over float32 weights (mixed precision, as the paper's "
+                        "GPU runs)")
     p.add_argument("--layers", type=int, default=24)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--vocab", type=int, default=8192)
@@ -276,7 +280,8 @@ def main() -> None:
         results = summarise(run_interleaved(args, tmp, argv))
     shape = args.model or f"OPT-shaped {depth} blocks, hidden {args.hidden}"
     print_table(results, f"model {shape}, {args.l}-{args.k}-{args.r}, batch {args.batch}, "
-                f"seq {args.seq}, device {results['full']['device']}, {args.repeats} interleaved "
+                f"seq {args.seq}, device {results['full']['device']}, autocast {args.autocast}, "
+                f"{args.repeats} interleaved "
                 f"repeats of {args.steps} steps (medians)")
     if args.out:
         settings = {k: v for k, v in vars(args).items() if k not in {"out", "worker", "workdir"}}
