@@ -273,6 +273,8 @@ def test_a_bundle_of_hundreds_of_megabytes_crosses_a_tls_superlink():
         (record,) = summary["rounds"]
         assert summary["bundle"]["bytes"] >= 600 * 2**20, summary["bundle"]
         assert record["clients_ok"] == 2 and record["bundles_sent"] == 2, record
+        print(f"bundle {summary['bundle']['bytes'] / 2**20:.0f} MB to 2 SuperNodes by message "
+              f"through the TLS SuperLink: {record['seconds_bundles']:.1f} s")
         for i in (1, 2):
             (cached,) = (dep.base / f"cache-{i}" / "bundles").iterdir()
             assert sum(f.stat().st_size for f in cached.iterdir()) >= 600 * 2**20

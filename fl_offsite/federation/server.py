@@ -136,6 +136,7 @@ class Federation:
                                                           self.train_config, nodes))
         messages.sort(key=lambda m: order.index(m.metadata.dst_node_id))
         sampled = {m.metadata.dst_node_id for m in messages}
+        shipping_from = time.time()
         undelivered, bundles, deltas, bundle_bytes = self.shipper.ship(self.grid, sampled)
         messages = [m for m in messages if m.metadata.dst_node_id not in undelivered]
         sent_at = time.time()
@@ -154,7 +155,7 @@ class Federation:
         ok = [r for r in replies if not r.has_error()]
         up = secure.bytes_up if secure else sum(accounting.upload_bytes(r) for r in ok)
         traffic = {"bundles": bundles, "deltas": deltas, "down": bundle_bytes + down, "up": up,
-                   "secure": secure}
+                   "secure": secure, "seconds_bundles": sent_at - shipping_from}
         return sampled, replies, ok, traffic, seconds_clients
 
     def _screen(self, rnd: int, ok: list, current, secure):
@@ -201,6 +202,7 @@ class Federation:
             "bundles_sent": traffic["bundles"],
             "bytes_down": traffic["down"],
             "bytes_up": traffic["up"],
+            "seconds_bundles": traffic["seconds_bundles"],
         }
         if traffic["deltas"]:
             record["bundle_deltas_sent"] = traffic["deltas"]
