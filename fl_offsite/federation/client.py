@@ -68,7 +68,9 @@ def receive_bundle(msg: Message, context: Context) -> Message:
     if bundle_hash not in _EMULATED:  # will it fit? (memory.py) a clean error reply if not
         memory.check_data_owner(memory.bundle_estimate(bundle_dir), context.node_config,
                                 who=f"data owner {node_name(context)}")
-    emulated_model(bundle_hash, bundle_dir)  # load and verify now: a bad bundle fails here
+    # load now, so a bad bundle fails here; a copy written from the message was hash-checked
+    # before it was kept (protocol.py), one read in place from the shared path is checked now
+    emulated_model(bundle_hash, bundle_dir, verify="path" in meta)
     context.state["bundle"] = ConfigRecord({"hash": bundle_hash, "path": str(bundle_dir)})
     # the receipt: what reached this data owner, by message or read from the shared path
     received = protocol.bundle_size(bundle_dir) if "path" in meta else \
@@ -77,9 +79,9 @@ def receive_bundle(msg: Message, context: Context) -> Message:
                    reply_to=msg)
 
 
-def emulated_model(bundle_hash: str, bundle_dir: Path) -> EmulatedModel:
+def emulated_model(bundle_hash: str, bundle_dir: Path, verify: bool = True) -> EmulatedModel:
     if bundle_hash not in _EMULATED:
-        emulated = EmulatedModel(bundle_dir)  # verifies the content hash
+        emulated = EmulatedModel(bundle_dir, verify=verify)  # verify: the content hash
         if emulated.info.bundle_hash != bundle_hash:
             raise UserError(f"bundle: {bundle_dir} has hash {emulated.info.bundle_hash[:12]}, "
                             f"the model owner announced {bundle_hash[:12]}; refusing it")
