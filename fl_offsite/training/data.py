@@ -78,6 +78,9 @@ def check_file(file: Path) -> None:
                                     f"({exc.msg}); one JSON object per line") from None
 
 
+CHOOSE_SPLIT = "choose one with --split / data.eval_split"
+
+
 def _splits_in(path: Path) -> list[str]:
     return sorted({f.stem for f in path.iterdir() if f.suffix in EXTENSIONS}) if path.is_dir() else []
 
@@ -91,7 +94,7 @@ def _from_disk(path: Path, split: str):
     if isinstance(saved, datasets.DatasetDict):
         if split not in saved:
             raise UserError(f"--data: {path} (a saved DatasetDict) has no {split!r} split; it "
-                            f"has {', '.join(saved)}: choose one with --split / data.eval_split")
+                            f"has {', '.join(saved)}: {CHOOSE_SPLIT}")
         return saved[split]
     return saved
 
@@ -113,8 +116,7 @@ def load_split(spec: str, split: str):
         file = _local_file(path, split)
         if file is None:
             present = _splits_in(path)
-            hint = (f"; it has {', '.join(present)}: choose one with --split / data.eval_split"
-                    if present else "")
+            hint = f"; it has {', '.join(present)}: {CHOOSE_SPLIT}" if present else ""
             raise UserError(f"--data: {spec} has no {split} file; expected {split}.jsonl "
                             f"(or {', '.join(EXTENSIONS)}) in that directory{hint}")
         builder = EXTENSIONS.get(file.suffix)
