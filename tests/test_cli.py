@@ -50,10 +50,16 @@ def test_round_trip_emulator_train_plug_evaluate(tmp_path, pydoc_data, capsys):
     assert printed[0]["ppl"] == pytest.approx(printed[2]["ppl"], rel=1e-5)
 
 
-def test_plugging_into_a_half_precision_checkpoint_keeps_its_dtype(tmp_path, pydoc_data):
-    """The bundle (and so the adapter) is float32 by default; the plugged model is written in
-    the checkpoint's own float16 unless --dtype says otherwise."""
+def test_a_half_precision_checkpoint_stays_half_from_bundle_to_plugged_model(tmp_path,
+                                                                             pydoc_data):
+    """A float16 checkpoint gives a float16 bundle by default (read in parts, or computed in
+    float32 and distilled, then cast), whose adapter trains and comes back in float16; the
+    plugged model is written in float16 unless --dtype says otherwise."""
     from safetensors import safe_open
+
+    def dtypes(path):
+        with safe_open(str(path), "pt") as f:
+            return {f.get_tensor(k).dtype for k in f.keys()}
 
     checkpoint = tmp_path / "fp16"
     AutoModelForCausalLM.from_pretrained(
@@ -61,16 +67,25 @@ def test_plugging_into_a_half_precision_checkpoint_keeps_its_dtype(tmp_path, pyd
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (checkpoint / name).write_bytes((Path(resolve_model_path("fl-offsite/tiny-opt")) /
                                          name).read_bytes())
-    bundle, adapter = tmp_path / "bundle", tmp_path / "a.safetensors"
+    bundle, distilled = tmp_path / "bundle", tmp_path / "distilled"
+    adapter = tmp_path / "a.safetensors"
     assert run("emulator", "--model", checkpoint, "--out", bundle, "--emulator-layers", "2") == 0
-    assert run("train", "--bundle", bundle, "--data", pydoc_data, "--out", adapter,
-               "--max-steps", "1", "--block-size", "32") == 0
+    assert run("emulator", "--model", checkpoint, "--out", distilled, "--emulator-layers", "2",
+               "--distill-data", pydoc_data, "--distill-steps", "2") == 0
+    for path in (bundle, distilled):
+        for part in ("adapter", "emulator", "shared"):
+            assert dtypes(path / f"{part}.safetensors") == {torch.float16}
+        # both measured in float16: a middle of 4 blocks, 2 of them shipped
+        assert json.loads((path / "offsite.json").read_text())["emulator"][
+            "share_of_middle"] == 0.5
+    assert run("train", "--bundle", distilled, "--data", pydoc_data, "--out", adapter,
+               "--max-steps", "2", "--block-size", "32") == 0
+    assert dtypes(adapter) == {torch.float16}
     for flags, dtype in (([], torch.float16), (["--dtype", "float32"], torch.float32)):
         out = tmp_path / f"plugged-{dtype}"
         assert run("plug", "--model", checkpoint, "--adapter", adapter, "--out", out,
                    *flags) == 0
-        with safe_open(str(out / "model.safetensors"), "pt") as f:
-            assert {f.get_tensor(k).dtype for k in f.keys()} == {dtype}
+        assert dtypes(out / "model.safetensors") == {dtype}
         assert AutoModelForCausalLM.from_pretrained(out).config.dtype == dtype
 
 

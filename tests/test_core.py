@@ -258,22 +258,35 @@ def test_fedprox_term_keeps_the_adapter_near_its_start(tmp_path):
     assert distances[1e4] < 0.5 * distances[0.0]
 
 
-def test_half_precision_bundles_train_in_bfloat16_and_plug_into_their_dtype(tmp_path):
+def test_half_precision_bundles_train_like_float32_and_return_their_dtype(tmp_path):
+    """A float16 or bfloat16 bundle trains through float32 master weights under autocast: the
+    adapter moves as the float32 bundle's does (AdamW on float16 weights gives NaN), comes back
+    in the bundle's dtype, leaves the frozen parts untouched, and plugs into a model of that
+    dtype only."""
     model = tiny_model("llama")
-    for dtype in (torch.float16, torch.bfloat16):
-        write_bundle(tiny_model("llama").to(dtype), make_plan(8, 2, 2, 2),
+    items = training_items(model)
+    deltas = {}
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        # one set of weights for every dtype: float16-rounded, then cast
+        write_bundle(tiny_model("llama").to(torch.float16).to(dtype), make_plan(8, 2, 2, 2),
                      tmp_path / str(dtype), "tiny")
-    emulated = EmulatedModel(tmp_path / str(torch.float16))
-    emulated.prepare("blocks")
-    with pytest.raises(UserError, match="float16 weights turns them to NaN.*--dtype float32"):
-        train(emulated.model, training_items(model), TrainConfig(max_steps=1, batch_size=4))
-    emulated = EmulatedModel(tmp_path / str(torch.bfloat16))
-    emulated.prepare("blocks")
-    stats = train(emulated.model, training_items(model), TrainConfig(max_steps=2, batch_size=4))
-    assert math.isfinite(stats["train_loss"])
+        emulated = EmulatedModel(tmp_path / str(dtype))
+        start = emulated.prepare("blocks").tensors
+        trainable = {n for n, p in emulated.model.named_parameters() if p.requires_grad}
+        frozen = {k: v.clone() for k, v in emulated.model.state_dict().items()
+                  if k not in trainable}
+        stats = train(emulated.model, items, TrainConfig(max_steps=3, batch_size=4, lr=1e-3))
+        assert math.isfinite(stats["train_loss"])
+        end = emulated.adapter().tensors
+        assert {t.dtype for t in end.values()} == {dtype}
+        assert all(torch.equal(emulated.model.state_dict()[k], v) for k, v in frozen.items())
+        deltas[dtype] = torch.cat([(end[k].float() - start[k].float()).flatten() for k in start])
+    for dtype in (torch.float16, torch.bfloat16):
+        assert torch.cosine_similarity(deltas[dtype], deltas[torch.float32], dim=0) > 0.95
     trained = emulated.adapter()
     with pytest.raises(UserError, match="bfloat16, the model is loaded as torch.float32; load "
                                         "it with the bundle's --dtype"):
         adapters.plug(tiny_model("llama"), resolve(model), trained)
-    plugged = adapters.plug(tiny_model("llama").to(torch.bfloat16), resolve(model), trained)
+    plugged = adapters.plug(tiny_model("llama").to(torch.float16).to(torch.bfloat16),
+                            resolve(model), trained)
     assert all(p.dtype == torch.bfloat16 for p in plugged.parameters())

@@ -289,3 +289,34 @@ def test_a_worker_that_dies_hard_is_replaced_and_later_rounds_are_whole(tmp_path
     for record, died in zip(summary["rounds"], deaths):
         assert record["clients_failed"] == died
         assert record["clients_ok"] == 3 - died
+
+
+def test_a_float16_checkpoint_federates_in_float16(tmp_path, monkeypatch):
+    """Its bundle and adapters stay float16 end to end (half the bytes on the wire); the data
+    owners train through float32 master weights, so rounds update the adapter and plug-in
+    improves on the untrained model."""
+    from transformers import AutoModelForCausalLM
+
+    from fl_offsite.models.loading import resolve_model_path
+    from fl_offsite.offsite.emulated import bundle_adapter
+
+    source = Path(resolve_model_path("fl-offsite/tiny-opt"))
+    checkpoint = tmp_path / "fp16"
+    AutoModelForCausalLM.from_pretrained(source, dtype=torch.float16).save_pretrained(checkpoint)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (checkpoint / name).write_bytes((source / name).read_bytes())
+    monkeypatch.setattr(strategies.FedAvg, "flower_strategy_class", lambda self: RecordingFedAvg)
+    monkeypatch.setattr(RecordingFedAvg, "calls", [])
+    cfg = configs.load(None, {**BASE, "model": str(checkpoint),
+                              "train": {"lr": 0.002, "max_steps": 4, "batch_size": 4}})
+    run_dir = new_run_dir(cfg, tmp_path / "run")
+    summary = simulate(cfg, run_dir)
+    start = bundle_adapter(run_dir / "bundle").tensors
+    assert {t.dtype for t in start.values()} == {torch.float16}
+    for uploads, aggregate in RecordingFedAvg.calls:
+        assert {t.dtype for tensors, _ in uploads for t in tensors.values()} == {torch.float16}
+    last = Adapter.load(run_dir / "checkpoints" / f"round-{cfg.rounds:04d}.safetensors").tensors
+    assert {t.dtype for t in last.values()} == {torch.float16}
+    assert any(not torch.equal(last[k], start[k]) for k in start)
+    assert all(r["updated"] for r in summary["rounds"])
+    assert summary["rounds"][-1]["plugin"]["ppl"] < summary["zero_shot"]["ppl"]

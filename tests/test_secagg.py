@@ -172,6 +172,27 @@ def test_the_model_owner_never_holds_a_single_update(runs):
         assert _distance(mean, own) > 100 * max_error * math.sqrt(len(quantized[0]))
 
 
+@pytest.mark.slow
+def test_a_claim_beyond_max_weight_costs_the_round_not_the_adapter(tmp_path, capsys):
+    """One data owner per round claims 10^9 examples. Flower's SecAgg+ would only warn and let
+    it outweigh the others (or overflow); the masked sum cannot be split afterwards, so the
+    model owner refuses the round and the adapter stays where it was."""
+    from fl_offsite.offsite.emulated import bundle_adapter
+
+    cfg = configs.load(None, {**BASE, "secagg": {"enabled": True},
+                              "faults": {"inflated_count": 0.34, "seed": 4}})
+    run_dir = new_run_dir(cfg, tmp_path / "run")
+    summary = simulate(cfg, run_dir)
+    start = bundle_adapter(run_dir / "bundle").tensors
+    for record in summary["rounds"]:
+        assert record["clients_ok"] == 3 and not record["updated"]
+        assert list(record["secagg"]["claims_over_max_weight"].values()) == [10**9]
+        kept = _adapter({"dir": run_dir}, record["round"])
+        assert all(torch.equal(kept[k], start[k]) for k in start)
+    assert "claimed more than secagg.max_weight=1000 examples (1000000000)" in \
+        capsys.readouterr().out
+
+
 @pytest.mark.parametrize("override, field", [
     ({"strategy": {"name": "median"}}, "strategy.name"),
     ({"strategy": {"name": "krum"}}, "strategy.name"),

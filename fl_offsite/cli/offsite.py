@@ -228,7 +228,8 @@ def add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--max-examples", type=int, default=None)
 
 
-DTYPE = dict(choices=["float32", "float16", "bfloat16"], default="float32")
+DTYPE = dict(choices=["float32", "float16", "bfloat16"],
+             help="default: the checkpoint's own (config.json), float32 if it names none")
 FAMILY_HELP = ("where the model's parts are, when the table and detection get it wrong: a "
                "Family as JSON or a .json file (blocks, embeddings, final_norm, head, "
                "lora_targets); bundles carry it to the data owners")

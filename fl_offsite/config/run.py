@@ -18,7 +18,9 @@ from .sections import (DataConfig, DPConfig, FaultsConfig, PartitionConfig, Real
 class Config(Section):
     name: str = "run"
     model: str
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    dtype: Literal["float32", "float16", "bfloat16"] | None = Field(
+        None, description="of the bundle and the model owner's full model (default: the "
+        "checkpoint's own); half-precision adapters train through float32 master weights")
     family: dict | None = Field(None, description="where the model's parts are, when the table "
                                 "and detection get it wrong: a Family as a mapping (blocks, "
                                 "embeddings, final_norm, head, lora_targets); the bundle carries "
@@ -112,7 +114,7 @@ class Config(Section):
                                  "uploads with secagg.enabled (it sees only their sum); unset "
                                  "it (dp.clip_norm with dp.noise_multiplier > 0 clips on the data "
                                  "owner, before masking)")
-        for key in self.faults.SCREENED:
+        for key in self.faults.CORRUPTED_UPLOADS:
             if getattr(self.faults, key) > 0:
                 raise ValueError(f"faults.{key}: corrupted-upload drills test the per-upload "
                                  "screen, which secagg.enabled rules out; set it to 0")

@@ -45,9 +45,8 @@ class FaultsConfig(Section):
     # the order in which one seeded draw per data owner and round picks a kind
     KINDS: ClassVar[tuple[str, ...]] = ("crash", "hang", "die", "nan_update", "wrong_shape",
                                         "huge_norm", "inflated_count")
+    # the ones only the model owner's per-upload screen catches (which SecAgg+ rules out)
     CORRUPTED_UPLOADS: ClassVar[tuple[str, ...]] = ("nan_update", "wrong_shape", "huge_norm")
-    # the ones only the model owner's per-upload screen catches
-    SCREENED: ClassVar[tuple[str, ...]] = CORRUPTED_UPLOADS + ("inflated_count",)
 
     crash: float = Field(0.0, ge=0.0, le=1.0, description="probability a sampled owner raises")
     nan_update: float = Field(0.0, ge=0.0, le=1.0, description="fraction of uploads with NaN")

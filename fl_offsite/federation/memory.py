@@ -90,13 +90,23 @@ def _dims(config: dict, block_size: int) -> dict:
 
 def training_bytes(config: dict, adapter_bytes: int, batch_size: int, block_size: int,
                    dpsgd: bool = False) -> tuple[int, int]:
-    """(bytes for training, tokens per example) on top of the loaded weights."""
+    """(bytes for training, tokens per example) on top of the loaded weights. A half-precision
+    adapter trains through float32 master weights (training/loop.py): the optimizer's state
+    is counted at float32 size, plus the master copy."""
     d = _dims(config, block_size)
     per_token = d["layers"] * (8 * d["hidden"] + 2 * d["ffn"] + 2 * d["heads"] * d["tokens"]) \
         + 3 * d["vocab"]
     activations = batch_size * d["tokens"] * 4 * per_token + WORKSPACE
-    optimizer = 3 * adapter_bytes + (2 * batch_size * adapter_bytes if dpsgd else 0)
+    master = adapter_bytes * 4 // _itemsize(config)
+    optimizer = 3 * master + (master - adapter_bytes) + \
+        (2 * batch_size * master if dpsgd else 0)
     return int(activations + optimizer), d["tokens"]
+
+
+def _itemsize(config: dict) -> int:
+    """Bytes per weight of the dtype a config names (4 if it names none)."""
+    return {"float16": 2, "bfloat16": 2}.get(str(config.get("dtype") or
+                                                  config.get("torch_dtype")), 4)
 
 
 def bundle_estimate(bundle_dir: str | Path, task: dict | None = None) -> Estimate:
@@ -123,7 +133,8 @@ def config_estimate(cfg) -> Estimate:
 
     from ..models.families import resolve
     from ..offsite.bundle import emulated_config
-    from ..models.loading import AUTO_CLASSES, DTYPES, load_config, task_of_config
+    from ..models.loading import (AUTO_CLASSES, DTYPES, checkpoint_dtype, load_config,
+                                  task_of_config)
     from ..offsite.plan import make_plan
 
     if cfg.bundle:
@@ -138,13 +149,14 @@ def config_estimate(cfg) -> Estimate:
     shared = sum(p.numel() for p in model.parameters()) - sum(block_params)
     plan = make_plan(len(blocks), cfg.split.adapter_bottom, cfg.split.adapter_top,
                      cfg.split.emulator_layers, cfg.split.drop_ratio)
-    size = torch.finfo(DTYPES[cfg.dtype]).bits // 8
+    size = torch.finfo(DTYPES[cfg.dtype or checkpoint_dtype(cfg.model)]).bits // 8
     compression = cfg.split.compression
     per_weight = compression.weight_bytes(size) if compression else size
     middle = sum(block_params[i] for i in plan.emulator) * per_weight
     adapter = sum(block_params[i] for i in plan.adapter) * size
     estimate = Estimate(int(1.5 * (shared * size + middle + adapter)))
-    emulated = emulated_config(config, plan).to_dict()
+    emulated = {**emulated_config(config, plan).to_dict(),
+                "dtype": cfg.dtype or checkpoint_dtype(cfg.model)}
     estimate.training, estimate.tokens = training_bytes(
         emulated, adapter, cfg.train.batch_size, cfg.data.block_size, cfg.dp.mode == "dpsgd")
     estimate.batch_size = cfg.train.batch_size

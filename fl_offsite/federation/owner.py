@@ -7,7 +7,6 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..config import Config
-from ..emulators.pipeline import make_emulator
 from ..errors import UserError
 from ..fileio import load_tensors, tensors_hash
 from ..models.families import resolve
@@ -15,6 +14,7 @@ from ..models.loading import load_model, load_processor, resolve_device
 from ..offsite import adapter as adapters
 from ..offsite.adapter import Adapter
 from ..offsite.bundle import keyed, split_state, write_bundle
+from ..offsite.owner import build_bundle
 from ..offsite.emulated import EmulatedModel
 from ..training import data
 from ..training.evaluate import evaluate
@@ -25,17 +25,15 @@ class ModelOwner:
 
     def __init__(self, cfg: Config, run_dir: Path, resume: bool = False):
         self.cfg = cfg
+        self.bundle_dir = Path(cfg.bundle) if cfg.bundle else run_dir / "bundle"
+        # a resumed run reuses the bundle its first start wrote (atomically); one that needs
+        # no forward pass is read in parts from the checkpoint (offsite/owner.py)
+        if not cfg.bundle and not (resume and (self.bundle_dir / "offsite.json").is_file()):
+            build_bundle(cfg.model, self.bundle_dir, cfg.split, cfg.dtype, family=cfg.family)
         self.model = load_model(cfg.model, cfg.dtype, cfg.family)
         self.arch = resolve(self.model)
         self.processor = load_processor(cfg.model)
         shared, blocks = split_state(self.model, self.arch)
-        self.bundle_dir = Path(cfg.bundle) if cfg.bundle else run_dir / "bundle"
-        # a resumed run reuses the bundle its first start wrote (atomically)
-        if not cfg.bundle and not (resume and (self.bundle_dir / "offsite.json").is_file()):
-            plan, emulator, record = make_emulator(self.model, self.processor, cfg.split)
-            write_bundle(self.model, plan, self.bundle_dir, cfg.model, self.processor, emulator,
-                         cfg.split.compression, record,
-                         compressed=cfg.split.distill.after_compression)
         self.device = resolve_device(cfg.owner_device)
         self.model.to(self.device)
         self.emulated = EmulatedModel(self.bundle_dir)

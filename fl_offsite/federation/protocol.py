@@ -115,12 +115,14 @@ def _write_files(content: RecordDict, tmp: Path) -> None:
         (tmp / file_name(key)).write_bytes(data)
 
 
-def _check_received(bundle_dir: Path, announced: str) -> None:
+def _check_received(bundle_dir: Path, announced: str, tensors: dict[str, dict]) -> None:
     """Refuse received files whose content is not the announced bundle, before they are kept:
-    the cache is addressed by that hash, and a bad copy under it would shadow every good one."""
+    the cache is addressed by that hash, and a bad copy under it would shadow every good one.
+    ``tensors`` (per file) are the ones just written: hashed as received, not read back."""
     from ..offsite.bundle import content_hash
 
-    actual = content_hash(bundle_dir)
+    actual = content_hash(bundle_dir, tensors["emulator.safetensors"],
+                          tensors["shared.safetensors"])
     if actual != announced:
         raise UserError(f"bundle: the received files hash to {actual[:12]}, the model owner "
                         f"announced {announced[:12]}; nothing was kept")
@@ -144,7 +146,7 @@ def write_bundle_content(content: RecordDict, target: Path) -> None:
         for name, tensors in per_file.items():
             save_tensors(tmp / name, tensors)
         _write_files(content, tmp)
-        _check_received(tmp, str(content["bundle"]["hash"]))
+        _check_received(tmp, str(content["bundle"]["hash"]), per_file)
 
 
 DELTA_FILES = ("emulator.safetensors",)
@@ -183,7 +185,7 @@ def apply_bundle_delta(content: RecordDict, base_dir: Path, target: Path) -> Non
                 shutil.copy2(base_dir / name, tmp / name)
         save_tensors(tmp / "emulator.safetensors", emulator)
         _write_files(content, tmp)
-        _check_received(tmp, str(content["bundle"]["hash"]))
+        _check_received(tmp, str(content["bundle"]["hash"]), per_file)
 
 
 def task_config(bundle_hash: str, task: dict) -> ConfigRecord:

@@ -30,7 +30,10 @@ weighted update beyond +-clipping_range is clipped: data owners count such coord
 (``secagg-clipped``, a plain metric) and the round record and a printed line say so.
 
 What the model owner still sees per data owner: that it took part, its num-examples and its
-training metrics (train loss, steps, seconds), as in Flower's own SecAgg+ FitRes path.
+training metrics (train loss, steps, seconds), as in Flower's own SecAgg+ FitRes path. Flower
+only warns when a weight num-examples / max_weight exceeds 1, so a data owner claiming 10^9
+examples would dominate (or overflow) the sum; the sum cannot be split afterwards, so a round
+in which any claim exceeds ``secagg.max_weight`` is not applied.
 """
 
 from __future__ import annotations
@@ -131,6 +134,7 @@ def _legacy_strategy(instructions: list):
             self.instructions = instructions
             self.mean: list[np.ndarray] | None = None
             self.examples: list[int] = []
+            self.nodes: list[int] = []
 
         def initialize_parameters(self, client_manager):
             return None
@@ -143,6 +147,7 @@ def _legacy_strategy(instructions: list):
                 return None, {}
             self.mean = parameters_to_ndarrays(results[0][1].parameters)
             self.examples = [int(res.num_examples) for _, res in results]
+            self.nodes = [int(proxy.node_id) for proxy, _ in results]
             return results[0][1].parameters, {}
 
         def configure_evaluate(self, server_round, parameters, client_manager):
@@ -233,6 +238,17 @@ def _unmasked_aggregate(strategy, record, keys, sec, server_round: int, info: di
         info["halted"] = True
         print(f"round {server_round}: secure aggregation halted (too few data owners answered "
               "for the masks to be removed)", flush=True)
+    elif any(n > sec.max_weight for n in strategy.examples):
+        # the sum cannot be split, so one claim beyond the cap costs the round (plain rounds cap
+        # the claim instead: strategy.max_weight)
+        over = {node: n for node, n in zip(strategy.nodes, strategy.examples)
+                if n > sec.max_weight}
+        info["claims_over_max_weight"] = over
+        print(f"round {server_round}: secure aggregation refused: data owner(s) "
+              f"{', '.join(map(str, over))} claimed more than secagg.max_weight="
+              f"{sec.max_weight:g} examples ({', '.join(map(str, over.values()))}), which would "
+              "outweigh the others; the adapter is not updated (raise secagg.max_weight if "
+              "such partitions are real)", flush=True)
     elif q_total >= MODULUS:
         info["overflow"] = True
         print(f"round {server_round}: secure aggregation overflowed: the uploads' num-examples "

@@ -83,11 +83,13 @@ def checkpoint_dtype(name_or_path: str) -> str:
     return names.get(saved, saved if saved in DTYPES else "float32")
 
 
-def load_model(name_or_path: str, dtype: str = "float32", family: dict | None = None):
-    """The full model, in eval mode, with caching off (blocks may be dropped later);
-    ``family`` (a Family as a mapping) overrides where its parts are."""
+def load_model(name_or_path: str, dtype: str | None = None, family: dict | None = None):
+    """The full model in ``dtype`` (default: the checkpoint's own), in eval mode, with caching
+    off (blocks may be dropped later); ``family`` (a Family as a mapping) overrides where its
+    parts are."""
     config = load_config(name_or_path)
     auto = AUTO_CLASSES[task_of_config(config)]
+    dtype = dtype or checkpoint_dtype(name_or_path)
     model = auto.from_pretrained(resolve_model_path(name_or_path), dtype=DTYPES[dtype])
     model.config.use_cache = False
     return use_family(model.eval(), Family.from_dict(family) if family else None)

@@ -98,12 +98,16 @@ def compress_emulator(model, arch: Arch, emulator: dict, compression) -> dict:
                   for i in by_block}, by_block)
 
 
-def middle_share(model, arch: Arch, plan: LayerPlan, emulator: dict) -> dict:
+def middle_share(model, arch: Arch, plan: LayerPlan, emulator: dict,
+                 dtype: torch.dtype | None = None) -> dict:
     """What of the secret middle the bundle ships: the emulator's bytes against the bytes of
-    the middle blocks it stands in for (the size budget an emulator is held to)."""
+    the middle blocks it stands in for (the size budget an emulator is held to), those counted
+    in the bundle's ``dtype`` where the model is held in another."""
+    def size(t: torch.Tensor) -> int:
+        return t.numel() * (dtype.itemsize if dtype and t.is_floating_point() else t.element_size())
+
     modules = arch.blocks(model)
-    middle = sum(t.numel() * t.element_size() for i in range(len(plan.bottom),
-                                                             plan.depth - len(plan.top))
+    middle = sum(size(t) for i in range(len(plan.bottom), plan.depth - len(plan.top))
                  for t in modules[i].state_dict().values())
     shipped = sum(t.numel() * t.element_size() for t in emulator.values())
     return {"emulator_bytes": shipped, "middle_bytes": middle,
@@ -161,7 +165,7 @@ def write_bundle(model: torch.nn.Module, plan: LayerPlan, out_dir: str | Path,
                  source_model: str, processor=None, emulator: dict | None = None,
                  compression=None, record: dict | None = None,
                  overwrite: bool = False, state: tuple[dict, dict] | None = None,
-                 compressed: bool = False) -> BundleInfo:
+                 compressed: bool = False, dtype: torch.dtype | None = None) -> BundleInfo:
     """Write the bundle of ``model`` for ``plan``.
 
     ``emulator`` (``"<index>.<path>"`` tensors) replaces the kept middle blocks, e.g. with a
@@ -170,7 +174,8 @@ def write_bundle(model: torch.nn.Module, plan: LayerPlan, out_dir: str | Path,
     (``compressed``: ``emulator`` is in its format already, compressed before distillation);
     ``record`` (how the emulator was made) goes into the metadata. ``state`` (shared
     tensors, planned blocks) stands in for the model's weights when ``model`` is a skeleton
-    (``streaming.py``).
+    (``streaming.py``). ``dtype`` is the bundle's when the model was computed in another
+    (the model owner distils in float32, then ships the checkpoint's half precision).
     """
     arch = resolve(model)
     if plan.depth != len(arch.blocks(model)):
@@ -185,8 +190,12 @@ def write_bundle(model: torch.nn.Module, plan: LayerPlan, out_dir: str | Path,
         record["uncompressed"] = sorted({name for state in unkeyed(emulator).values()
                                          for name in compression.left_uncompressed(state)})
     adapter = keyed(blocks, plan.adapter)
-    record.update(middle_share(model, arch, plan, emulator))
+    if dtype is not None:
+        shared, emulator, adapter = (_cast(part, dtype) for part in (shared, emulator, adapter))
+    record.update(middle_share(model, arch, plan, emulator, dtype))
     cfg = emulated_config(model.config, plan)
+    if dtype is not None:
+        cfg.dtype = dtype
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         cfg.save_pretrained(tmp)
         config_json = (tmp / "config.json").read_text()
@@ -212,6 +221,11 @@ def write_bundle(model: torch.nn.Module, plan: LayerPlan, out_dir: str | Path,
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return read_info(out_dir)
+
+
+def _cast(tensors: dict, dtype: torch.dtype) -> dict:
+    """Floating-point tensors in ``dtype``; integer ones (int8 weights) as they are."""
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
 
 
 def build_emulated_model(config, plan: LayerPlan, shared: dict, emulator: dict, adapter: dict,
@@ -258,11 +272,15 @@ def _content_hash(path: Path, info: BundleInfo, emulator: dict, shared: dict) ->
     return frozen_hash((path / "config.json").read_text(), info.plan, emulator, shared)
 
 
-def content_hash(bundle_dir: str | Path) -> str:
-    """The hash of what ``bundle_dir`` holds, recomputed from its files (not its metadata's)."""
+def content_hash(bundle_dir: str | Path, emulator: dict | None = None,
+                 shared: dict | None = None) -> str:
+    """The hash of what ``bundle_dir`` holds (not its metadata's), from its tensor files or
+    from the ``emulator`` and ``shared`` tensors just written into it (saves reading them)."""
     info = read_info(bundle_dir)
-    return _content_hash(info.path, info, load_tensors(info.path / "emulator.safetensors"),
-                         load_tensors(info.path / "shared.safetensors"))
+    if emulator is None or shared is None:
+        emulator = load_tensors(info.path / "emulator.safetensors")
+        shared = load_tensors(info.path / "shared.safetensors")
+    return _content_hash(info.path, info, emulator, shared)
 
 
 def load_bundle(bundle_dir: str | Path, verify: bool = True) -> tuple[torch.nn.Module, BundleInfo]:

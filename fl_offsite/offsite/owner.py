@@ -8,7 +8,7 @@ from pathlib import Path
 from ..emulators.pipeline import SplitConfig, make_emulator
 from ..fileio import atomic_dir, refuse_occupied
 from ..models.families import resolve
-from ..models.loading import load_config, load_model, load_processor
+from ..models.loading import DTYPES, checkpoint_dtype, load_config, load_model, load_processor
 from ..models.offload import load_offloaded
 from . import adapter as adapters
 from .adapter import Adapter
@@ -18,12 +18,14 @@ from .streaming import open_checkpoint
 
 
 def build_bundle(model_name: str, out_dir: str | Path, split: SplitConfig | None = None,
-                 dtype: str = "float32", overwrite: bool = False, log=None,
+                 dtype: str | None = None, overwrite: bool = False, log=None,
                  family: dict | None = None, max_memory: dict | None = None) -> BundleInfo:
-    """The bundle of ``model_name`` for ``split``. A bundle that needs no forward pass is read
-    in parts from the checkpoint; one that does loads the full model, within ``max_memory``
+    """The bundle of ``model_name`` for ``split``, in ``dtype`` (default: the checkpoint's own).
+    A bundle that needs no forward pass is read in parts from the checkpoint; one that does
+    loads the full model in float32 (distillation trains it), within ``max_memory``
     (accelerate's, e.g. {"cpu": "4GiB"}) if given, the rest offloaded to disk."""
     split = split or SplitConfig()
+    dtype = dtype or checkpoint_dtype(model_name)
     refuse_occupied(out_dir, overwrite)
     make_plan(load_config(model_name).num_hidden_layers, split.adapter_bottom, split.adapter_top,
               split.emulator_layers, split.drop_ratio)  # fail before loading any weights
@@ -37,12 +39,12 @@ def build_bundle(model_name: str, out_dir: str | Path, split: SplitConfig | None
                             state=checkpoint.read(plan.order, log))
     with tempfile.TemporaryDirectory(dir=Path(out_dir).absolute().parent,
                                      prefix=".offload-") as folder:
-        model = load_offloaded(model_name, dtype, family, max_memory, folder, log) \
-            if max_memory else load_model(model_name, dtype, family)
+        model = load_offloaded(model_name, "float32", family, max_memory, folder, log) \
+            if max_memory else load_model(model_name, "float32", family)
         plan, emulator, record = make_emulator(model, processor, split, log)
         return write_bundle(model, plan, out_dir, model_name, processor, emulator,
                             split.compression, record, overwrite=overwrite,
-                            compressed=split.distill.after_compression)
+                            compressed=split.distill.after_compression, dtype=DTYPES[dtype])
 
 
 def plugged_model(model_name: str, adapter: Adapter, dtype: str | None = None,

@@ -199,8 +199,13 @@ def _sample_batch(train: np.ndarray, cfg: PretrainConfig, gen: torch.Generator) 
 
 
 def _write_model(out: Path, model, tokenizer, card: dict) -> None:
-    """The finished model in float16, its tokenizer and card, written atomically."""
+    """The finished model stored in float16 (half the package) but declared float32, the dtype
+    it was trained and is run in (``load_model`` loads a checkpoint in its declared dtype), its
+    tokenizer and card, written atomically."""
     with atomic_dir(out, overwrite=True) as tmp:
         model.half().save_pretrained(tmp)
+        config = json.loads((tmp / "config.json").read_text())
+        (tmp / "config.json").write_text(json.dumps({**config, "dtype": "float32"}, indent=2)
+                                         + "\n")
         tokenizer.save_pretrained(tmp)
         (tmp / "pretraining.json").write_text(json.dumps(card, indent=2) + "\n")

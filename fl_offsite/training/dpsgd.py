@@ -200,6 +200,9 @@ def train_dpsgd(model: nn.Module, items: list[dict], cfg: TrainConfig, noise_mul
         raise UserError("data: the training split is empty")
     if cfg.grad_accum != 1 or cfg.mixed_precision != "no":
         raise UserError("dp.mode: dpsgd needs train.grad_accum=1 and train.mixed_precision=no")
+    if any(p.dtype == torch.float16 for p in params):
+        raise UserError("dtype: dp.mode dpsgd trains the adapter in its own dtype, and float16 "
+                        "weights turn to NaN; use a float32 or bfloat16 bundle (dtype key)")
     set_seed(seed)  # dropout; sampling and noise below are not derived from the seed
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)

@@ -3,10 +3,18 @@
 Trains whatever parameters are marked trainable (see ``adapter.prepare``), through accelerate
 for device placement, mixed precision and gradient accumulation. Seeded: the same seed, data
 and model give the same result.
+
+Half-precision weights (a float16 or bfloat16 bundle or checkpoint) are trained the standard
+mixed-precision way: the trainable ones get float32 master copies for the optimizer, the
+forward runs under autocast to the half dtype (the frozen emulator stays in it), and the
+result is rounded back, so what is returned and sent has the bundle's dtype. AdamW on float16
+weights directly turns them to NaN within a step. There is no loss scaling: on a GPU,
+bfloat16 is the safer half dtype.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import torch
@@ -30,15 +38,35 @@ def train(model: torch.nn.Module, items: list[dict], cfg: TrainConfig, pad_id: i
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise UserError("tuning: nothing to train (no trainable parameters)")
-    if any(p.dtype == torch.float16 for p in params):
-        raise UserError("dtype: the weights to train are float16, and AdamW on float16 weights "
-                        "turns them to NaN within a step; build the bundle (or load the model) "
-                        "with --dtype float32, or bfloat16")
     if not items:
         raise UserError("data: the training split is empty")
+    half = {p.dtype for p in model.parameters() if p.dtype in HALF}
+    if len(half) > 1:
+        raise UserError("dtype: the model mixes float16 and bfloat16 weights; load it (or build "
+                        "its bundle) in one --dtype")
+    half_dtype = half.pop() if half else None
+    originals = [p.dtype for p in params]
+    for p in params:  # float32 master weights for the optimizer
+        p.data = p.data.float()
+    try:
+        return _train(model, params, items, cfg, pad_id, seed, prox_mu, log, half_dtype)
+    finally:
+        for p, dtype in zip(params, originals):
+            p.data = p.data.to(dtype)
+
+
+HALF = (torch.float16, torch.bfloat16)
+
+
+def _train(model, params, items, cfg: TrainConfig, pad_id: int, seed: int, prox_mu: float, log,
+           half_dtype) -> dict[str, float]:
     set_seed(seed)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision,
                               gradient_accumulation_steps=cfg.grad_accum)
+    # done here, not by accelerate: its precision is fixed per process, and it autocasts
+    # float16 only on accelerators
+    autocast = torch.autocast(accelerator.device.type, dtype=half_dtype) \
+        if half_dtype is not None and cfg.mixed_precision == "no" else contextlib.nullcontext()
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(items, batch_size=cfg.batch_size, shuffle=True, generator=generator,
                         collate_fn=lambda b: collate(b, pad_id))
@@ -54,7 +82,8 @@ def train(model: torch.nn.Module, items: list[dict], cfg: TrainConfig, pad_id: i
     while step < total_steps:
         for batch in loader:
             with accelerator.accumulate(model):
-                loss = model(**batch).loss
+                with autocast:
+                    loss = model(**batch).loss
                 task_loss = loss.detach().float().item()
                 if anchors is not None:
                     loss = loss + 0.5 * prox_mu * sum(
