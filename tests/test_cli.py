@@ -253,3 +253,26 @@ def test_datasets_saved_to_disk_are_read_as_they_are(tmp_path, pydoc_data):
     assert run("evaluate", "--bundle", bundle, "--data", saved_dict, "--split", "validation",
                "--out", tmp_path / "never.json") == 2
     assert not (tmp_path / "never.json").exists()
+
+
+def test_a_terminated_emulator_leaves_nothing_behind(tmp_path, pydoc_data):
+    """SIGTERM mid-distillation: exit status 128 + 15, and no bundle, temporary directory or
+    offload folder beside --out."""
+    import signal
+
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fl_offsite.cli", "emulator", "--model", "fl-offsite/tiny-opt",
+         "--out", str(out / "bundle"), "--emulator-layers", "2", "--distill-data",
+         str(pydoc_data), "--distill-steps", "100000"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    try:
+        for line in proc.stdout:  # wait until it is distilling, its bundle not yet written
+            if line.startswith("distill step"):
+                break
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        proc.kill()
+    assert list(out.iterdir()) == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from ..errors import UserError
@@ -18,15 +19,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _exit(signum, frame):
+    """SIGTERM (``kill``, a scheduler's stop) unwinds like Ctrl-C: temporary and half-written
+    directories are removed on the way out (their context managers run)."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     if not getattr(args, "verbose", False):
         from ..quiet import quiet_libraries
         quiet_libraries()
+    previous = signal.signal(signal.SIGTERM, _exit)
     try:
         args.func(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0

@@ -37,14 +37,24 @@ def build_bundle(model_name: str, out_dir: str | Path, split: SplitConfig | None
         return write_bundle(checkpoint.model, plan, out_dir, model_name, processor, None,
                             split.compression, record, overwrite=overwrite,
                             state=checkpoint.read(plan.order, log))
-    with tempfile.TemporaryDirectory(dir=Path(out_dir).absolute().parent,
-                                     prefix=".offload-") as folder:
-        model = load_offloaded(model_name, "float32", family, max_memory, folder, log) \
-            if max_memory else load_model(model_name, "float32", family)
-        plan, emulator, record = make_emulator(model, processor, split, log)
-        return write_bundle(model, plan, out_dir, model_name, processor, emulator,
-                            split.compression, record, overwrite=overwrite,
-                            compressed=split.distill.after_compression, dtype=DTYPES[dtype])
+    if max_memory:
+        with tempfile.TemporaryDirectory(dir=Path(out_dir).absolute().parent,
+                                         prefix=".offload-") as folder:
+            model = load_offloaded(model_name, "float32", family, max_memory, folder, log)
+            return _write_made(model, processor, model_name, out_dir, split, dtype, overwrite,
+                               log)
+    return _write_made(load_model(model_name, "float32", family), processor, model_name,
+                       out_dir, split, dtype, overwrite, log)
+
+
+def _write_made(model, processor, model_name: str, out_dir, split: SplitConfig, dtype: str,
+                overwrite: bool, log) -> BundleInfo:
+    """Make the emulator from the loaded full model (in float32) and write the bundle in
+    ``dtype``."""
+    plan, emulator, record = make_emulator(model, processor, split, log)
+    return write_bundle(model, plan, out_dir, model_name, processor, emulator, split.compression,
+                        record, overwrite=overwrite, compressed=split.distill.after_compression,
+                        dtype=DTYPES[dtype])
 
 
 def plugged_model(model_name: str, adapter: Adapter, dtype: str | None = None,
