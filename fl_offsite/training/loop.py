@@ -26,6 +26,8 @@ from ..errors import UserError
 from .config import TrainConfig
 from .data import collate
 
+HALF = (torch.float16, torch.bfloat16)  # trained through float32 master weights
+
 
 def train(model: torch.nn.Module, items: list[dict], cfg: TrainConfig, pad_id: int = 0,
           seed: int = 0, prox_mu: float = 0.0, log=None) -> dict[str, float]:
@@ -53,9 +55,6 @@ def train(model: torch.nn.Module, items: list[dict], cfg: TrainConfig, pad_id: i
     finally:
         for p, dtype in zip(params, originals):
             p.data = p.data.to(dtype)
-
-
-HALF = (torch.float16, torch.bfloat16)
 
 
 def _train(model, params, items, cfg: TrainConfig, pad_id: int, seed: int, prox_mu: float, log,
