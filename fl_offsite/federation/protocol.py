@@ -118,11 +118,12 @@ def _write_files(content: RecordDict, tmp: Path) -> None:
 def _check_received(bundle_dir: Path, announced: str, tensors: dict[str, dict]) -> None:
     """Refuse received files whose content is not the announced bundle, before they are kept:
     the cache is addressed by that hash, and a bad copy under it would shadow every good one.
-    ``tensors`` (per file) are the ones just written: hashed as received, not read back."""
+    ``tensors`` (per file) are the ones just written: hashed as received, not read back; a
+    file not among them (a delta's copied shared parts) is read."""
     from ..offsite.bundle import content_hash
 
-    actual = content_hash(bundle_dir, tensors["emulator.safetensors"],
-                          tensors["shared.safetensors"])
+    actual = content_hash(bundle_dir, tensors.get("emulator.safetensors"),
+                          tensors.get("shared.safetensors"))
     if actual != announced:
         raise UserError(f"bundle: the received files hash to {actual[:12]}, the model owner "
                         f"announced {announced[:12]}; nothing was kept")
@@ -185,7 +186,7 @@ def apply_bundle_delta(content: RecordDict, base_dir: Path, target: Path) -> Non
                 shutil.copy2(base_dir / name, tmp / name)
         save_tensors(tmp / "emulator.safetensors", emulator)
         _write_files(content, tmp)
-        _check_received(tmp, str(content["bundle"]["hash"]), per_file)
+        _check_received(tmp, str(content["bundle"]["hash"]), {"emulator.safetensors": emulator})
 
 
 def task_config(bundle_hash: str, task: dict) -> ConfigRecord:

@@ -274,11 +274,12 @@ def _content_hash(path: Path, info: BundleInfo, emulator: dict, shared: dict) ->
 
 def content_hash(bundle_dir: str | Path, emulator: dict | None = None,
                  shared: dict | None = None) -> str:
-    """The hash of what ``bundle_dir`` holds (not its metadata's), from its tensor files or
-    from the ``emulator`` and ``shared`` tensors just written into it (saves reading them)."""
+    """The hash of what ``bundle_dir`` holds (not its metadata's), from its tensor files, or
+    from the ``emulator`` / ``shared`` tensors just written into it (saves reading them)."""
     info = read_info(bundle_dir)
-    if emulator is None or shared is None:
+    if emulator is None:
         emulator = load_tensors(info.path / "emulator.safetensors")
+    if shared is None:
         shared = load_tensors(info.path / "shared.safetensors")
     return _content_hash(info.path, info, emulator, shared)
 
