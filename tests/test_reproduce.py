@@ -45,3 +45,24 @@ def test_quick_reproduction_writes_the_table_and_results(tmp_path, capsys):
     capsys.readouterr()
     assert main(["reproduce", "--resume", str(out)]) == 2  # not the --quick plan it started with
     assert "--resume:" in capsys.readouterr().err and (out / "results.json").is_file()
+
+
+def test_the_full_fine_tuning_baseline_takes_its_best_lr_on_validation():
+    """Of a negligible lr, one too large for validation (though not for test) and a working
+    one, the baseline reports the one best on the validation split, with its test metrics."""
+    from fl_offsite.models.loading import load_model, load_processor
+    from fl_offsite.reference.reproduce import Plan, full_finetune
+    from fl_offsite.training import data
+    from fl_offsite.training.evaluate import evaluate
+
+    plan = Plan(model="fl-offsite/tiny-opt", full_ft_lrs=[1e-9, 3e-3, 3e-4], epochs=1, max_train=64,
+                max_eval=20, block_size=32)
+    task = "fl-offsite/pydoc"
+    processor = load_processor(plan.model)
+    train_data = data.prepare(task, "train", processor, plan.block_size, plan.max_train)
+    test_data = data.prepare(task, "test", processor, plan.block_size, plan.max_eval)
+    baseline = full_finetune(plan, task, train_data, test_data, processor, seed=0)
+    assert baseline["lr"] == 3e-4
+    assert baseline["ppl"] < 0.9 * evaluate(load_model(plan.model), test_data, processor)["ppl"]
+    plan.full_ft_lrs = None  # one lr: the plan's own, no validation pass
+    assert full_finetune(plan, task, train_data, test_data, processor, seed=0)["lr"] == plan.lr
