@@ -98,6 +98,7 @@ class Plan:
             plan.distill_steps = min(plan.distill_steps, 10)
             plan.recipe_distill_steps = min(plan.recipe_distill_steps, 10)
             plan.distill_max_examples = 64  # the held-out checks dominate 10 steps otherwise
+            plan.full_ft_lrs = None  # one full fine-tuning, at the plan's lr
         return plan
 
     @classmethod
