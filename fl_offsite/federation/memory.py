@@ -133,8 +133,7 @@ def config_estimate(cfg) -> Estimate:
 
     from ..models.families import resolve
     from ..offsite.bundle import emulated_config
-    from ..models.loading import (AUTO_CLASSES, DTYPES, checkpoint_dtype, load_config,
-                                  task_of_config)
+    from ..models.loading import AUTO_CLASSES, DTYPES, config_dtype, load_config, task_of_config
     from ..offsite.plan import make_plan
 
     if cfg.bundle:
@@ -142,6 +141,7 @@ def config_estimate(cfg) -> Estimate:
                                             "block_size": cfg.data.block_size,
                                             "dp": cfg.dp.model_dump()})
     config = load_config(cfg.model)
+    dtype = cfg.dtype or config_dtype(config)
     with torch.device("meta"):
         model = AUTO_CLASSES[task_of_config(config)].from_config(config)
     blocks = resolve(model).blocks(model)
@@ -149,14 +149,13 @@ def config_estimate(cfg) -> Estimate:
     shared = sum(p.numel() for p in model.parameters()) - sum(block_params)
     plan = make_plan(len(blocks), cfg.split.adapter_bottom, cfg.split.adapter_top,
                      cfg.split.emulator_layers, cfg.split.drop_ratio)
-    size = torch.finfo(DTYPES[cfg.dtype or checkpoint_dtype(cfg.model)]).bits // 8
+    size = torch.finfo(DTYPES[dtype]).bits // 8
     compression = cfg.split.compression
     per_weight = compression.weight_bytes(size) if compression else size
     middle = sum(block_params[i] for i in plan.emulator) * per_weight
     adapter = sum(block_params[i] for i in plan.adapter) * size
     estimate = Estimate(int(1.5 * (shared * size + middle + adapter)))
-    emulated = {**emulated_config(config, plan).to_dict(),
-                "dtype": cfg.dtype or checkpoint_dtype(cfg.model)}
+    emulated = {**emulated_config(config, plan).to_dict(), "dtype": dtype}
     estimate.training, estimate.tokens = training_bytes(
         emulated, adapter, cfg.train.batch_size, cfg.data.block_size, cfg.dp.mode == "dpsgd")
     estimate.batch_size = cfg.train.batch_size

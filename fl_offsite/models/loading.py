@@ -76,11 +76,16 @@ def resolve_device(spec: str, field: str = "owner_device") -> torch.device:
     return device
 
 
-def checkpoint_dtype(name_or_path: str) -> str:
-    """The dtype a checkpoint says it was saved in (``config.json``), float32 if it says none."""
-    saved = getattr(load_config(name_or_path), "dtype", None)
+def config_dtype(config) -> str:
+    """The dtype a model config declares, by name; float32 if it declares none."""
+    saved = getattr(config, "dtype", None)
     names = {v: k for k, v in DTYPES.items()}
     return names.get(saved, saved if saved in DTYPES else "float32")
+
+
+def checkpoint_dtype(name_or_path: str) -> str:
+    """The dtype a checkpoint says it was saved in (``config.json``), float32 if it says none."""
+    return config_dtype(load_config(name_or_path))
 
 
 def load_model(name_or_path: str, dtype: str | None = None, family: dict | None = None):
@@ -89,7 +94,7 @@ def load_model(name_or_path: str, dtype: str | None = None, family: dict | None 
     parts are."""
     config = load_config(name_or_path)
     auto = AUTO_CLASSES[task_of_config(config)]
-    dtype = dtype or checkpoint_dtype(name_or_path)
+    dtype = dtype or config_dtype(config)
     model = auto.from_pretrained(resolve_model_path(name_or_path), dtype=DTYPES[dtype])
     model.config.use_cache = False
     return use_family(model.eval(), Family.from_dict(family) if family else None)

@@ -190,12 +190,11 @@ def write_bundle(model: torch.nn.Module, plan: LayerPlan, out_dir: str | Path,
         record["uncompressed"] = sorted({name for state in unkeyed(emulator).values()
                                          for name in compression.left_uncompressed(state)})
     adapter = keyed(blocks, plan.adapter)
-    if dtype is not None:
-        shared, emulator, adapter = (_cast(part, dtype) for part in (shared, emulator, adapter))
-    record.update(middle_share(model, arch, plan, emulator, dtype))
     cfg = emulated_config(model.config, plan)
     if dtype is not None:
+        shared, emulator, adapter = (_cast(part, dtype) for part in (shared, emulator, adapter))
         cfg.dtype = dtype
+    record.update(middle_share(model, arch, plan, emulator, dtype))
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         cfg.save_pretrained(tmp)
         config_json = (tmp / "config.json").read_text()
