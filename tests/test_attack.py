@@ -10,7 +10,7 @@ import torch
 
 from conftest import tiny_model, training_items
 from fl_offsite.cli import main
-from fl_offsite.offsite.attack import ATTACKS
+from fl_offsite.offsite.attack import ATTACKS, attacks_for, continuations
 from fl_offsite.offsite.bundle import write_bundle
 from fl_offsite.offsite.emulated import EmulatedModel
 from fl_offsite.offsite.plan import make_plan
@@ -20,7 +20,8 @@ TRAIN = ["--max-steps", "3", "--lr", "2e-3", "--block-size", "64", "--batch-size
 
 
 @pytest.mark.parametrize("name, emulator_moves", [("adapter only", False),
-                                                   ("every weight", True)])
+                                                   ("every weight", True),
+                                                   ("own generations", True)])
 def test_an_attack_trains_exactly_what_it_says(name, emulator_moves, tmp_path):
     model = tiny_model("llama")
     plan = make_plan(8, 2, 2, 2)
@@ -41,6 +42,37 @@ def test_an_attack_trains_exactly_what_it_says(name, emulator_moves, tmp_path):
     if emulator_moves:
         assert any("embed_tokens" in n for n in outside)
         assert any(position(n) is not None for n in outside)  # the emulator blocks
+
+
+def test_the_emulators_rewrites_keep_each_prompt_and_train_only_on_what_it_wrote(tmp_path):
+    model = tiny_model("llama")
+    write_bundle(model, make_plan(8, 2, 2, 2), tmp_path / "b", "tiny")
+    emulated = EmulatedModel(tmp_path / "b")
+    g = torch.Generator().manual_seed(0)
+    text = [{"input_ids": (ids := torch.randint(3, 60, (12,), generator=g)), "labels": ids}
+            for _ in range(3)]
+    choice = [{"input_ids": (ids := torch.randint(3, 60, (n,), generator=g)),
+               "labels": torch.cat([torch.full((5,), -100), ids[5:]])} for n in (9, 9, 11)]
+    written = continuations(emulated.model, text + choice, pad_id=0, seed=0, batch_size=2)
+    assert len(written) == 6
+    by_prompt = sorted((len(w["input_ids"]), int((w["labels"] == -100).sum())) for w in written)
+    assert by_prompt == [(9, 5), (9, 5), (11, 5), (12, 3), (12, 3), (12, 3)]
+    originals = {tuple(i["input_ids"][:int((i["labels"] == -100).sum()) or 3].tolist())
+                 for i in text + choice}
+    for w in written:
+        context = int((w["labels"] == -100).sum())
+        assert tuple(w["input_ids"][:context].tolist()) in originals
+        assert torch.equal(w["labels"][context:], w["input_ids"][context:])
+    # sampled: the rewrites are not the originals
+    assert any(not torch.equal(w["input_ids"], i["input_ids"]) for w in written
+               for i in text + choice if len(i["input_ids"]) == len(w["input_ids"]))
+
+
+def test_an_image_task_is_not_attacked_with_writing():
+    images = [{"pixel_values": torch.zeros(3, 8, 8), "labels": torch.tensor(0)}]
+    tokens = [{"input_ids": torch.arange(4), "labels": torch.arange(4)}]
+    assert set(attacks_for(tokens)) == set(ATTACKS)
+    assert set(attacks_for(images)) == set(ATTACKS) - {"own generations"}
 
 
 def test_the_harness_plugs_in_the_honest_adapter_and_reports_the_margin(tmp_path, pydoc_data):

@@ -276,3 +276,28 @@ def test_a_terminated_emulator_leaves_nothing_behind(tmp_path, pydoc_data):
     finally:
         proc.kill()
     assert list(out.iterdir()) == []
+
+
+def test_the_emulator_starts_from_a_recipe_and_the_flags_written_win(tmp_path):
+    bundle = tmp_path / "b"
+    # --distill-lr 1e-4 is the flag's own default: written, it still overrides the recipe's 2e-4
+    assert main(["emulator", "--model", "fl-offsite/tiny-opt", "--recipe", "pretrained-llm",
+                 "--out", str(bundle), "--adapter-top", "1", "--keep-ratio", "0.5",
+                 "--distill-steps", "1", "--distill-max-examples", "16",
+                 "--distill-lr", "1e-4"]) == 0
+    info = json.loads((bundle / "offsite.json").read_text())
+    made = info["emulator"]
+    # the recipe on 8 blocks: a 2-block bottom adapter, every middle block kept, channels
+    assert info["plan"]["bottom"] == [0, 1] and info["plan"]["top"] == [7]
+    assert info["plan"]["emulator"] == [2, 3, 4, 5, 6]
+    assert made["quantize"] == "channels" and made["compression"]["keep_ratio"] == 0.5
+    assert made["distill"]["data"] == "fl-offsite/public-text"
+    assert (made["distill"]["steps"], made["distill"]["lr"], made["distill"]["nmse"],
+            made["distill"]["batch_size"]) == (1, 1e-4, "per_token", 4)
+
+
+def test_a_recipe_flag_is_not_abbreviated(capsys):
+    with pytest.raises(SystemExit):
+        main(["emulator", "--model", "fl-offsite/tiny-opt", "--recipe", "pretrained-llm",
+              "--out", "x", "--distill-st", "1"])
+    assert "unrecognized arguments: --distill-st" in capsys.readouterr().err

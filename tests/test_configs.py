@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from fl_offsite import config as configs
+from fl_offsite.errors import UserError
 from fl_offsite.reference.reproduce import RECIPES, Plan
 
 ROOT = Path(__file__).parents[1]
@@ -47,3 +48,39 @@ def test_every_recommended_recipe_makes_valid_emulators(model):
         split = plan.split(model, distilled)
         assert split.distill.data and split.distill.steps > 0
     assert Plan.for_model(model, quick=True).split(model, False).distill.steps <= 10
+
+
+def test_the_llm_recipe_is_the_one_measured_on_smollm2():
+    """Sized to SmolLM2's 30 blocks, the named recipe is the split of its federated config and
+    of its reproduction's main columns (one measured recipe, written three ways)."""
+    from fl_offsite.emulators.pipeline import SplitConfig
+    from fl_offsite.emulators.recipes import recipe_split
+
+    recipe = SplitConfig.model_validate(recipe_split("pretrained-llm", 30))
+    assert recipe == configs.load(ROOT / "configs" / "smollm2-devil.yaml").split
+    measured = Plan.for_model("fl-offsite/smollm2-135m").split("fl-offsite/smollm2-135m", False)
+    assert recipe.model_dump(exclude={"distill": {"max_examples"}}) == \
+        measured.model_dump(exclude={"distill": {"max_examples"}})
+
+
+def test_a_recipe_in_a_run_config_is_sized_to_the_model_and_written_keys_win():
+    base = {"model": "fl-offsite/ref-opt", "data": {"path": "fl-offsite/devil"}}
+    plain = configs.load(None, {**base, "split": {"recipe": "pretrained-llm"}}).split
+    assert (plain.adapter_bottom, plain.adapter_top, plain.drop_ratio) == (3, 3, 0.0)  # 12 blocks
+    assert plain.compression.name == "channels" and plain.distill.after_compression
+    tuned = configs.load(None, {**base, "split": {
+        "recipe": "pretrained-llm", "emulator_layers": 3, "distill": {"steps": 600},
+        "compression": {"keep_ratio": 0.3}}}).split
+    assert (tuned.emulator_layers, tuned.drop_ratio, tuned.distill.steps) == (3, None, 600)
+    assert tuned.distill.nmse == "per_token" and tuned.distill.lr == plain.distill.lr
+    assert (tuned.compression.name, tuned.compression.keep_ratio) == ("channels", 0.3)
+    other = configs.load(None, {**base, "split": {"recipe": "pretrained-llm",
+                                                  "compression": {"name": "int8"},
+                                                  "distill": {"after_compression": False}}})
+    assert other.split.compression.name == "int8"  # another method replaces the recipe's
+
+
+def test_an_unknown_recipe_is_one_line():
+    with pytest.raises(UserError, match=r"split\.recipe: unknown recipe 'llm'; known: "
+                                                r"pretrained-llm"):
+        configs.load(None, {"model": "fl-offsite/ref-opt", "split": {"recipe": "llm"}})

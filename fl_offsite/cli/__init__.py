@@ -27,7 +27,10 @@ def _exit(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    # the flags written (not defaulted): what a command's --recipe lets them override
+    args.given = {token.split("=", 1)[0] for token in argv if token.startswith("--")}
     if not getattr(args, "verbose", False):
         from ..quiet import quiet_libraries
         quiet_libraries()

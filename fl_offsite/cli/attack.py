@@ -13,7 +13,7 @@ from .offsite import DTYPE, FAMILY_HELP, add_data_args, existing, family, train_
 def cmd_attack(args) -> None:
     from ..fileio import atomic_write_json
     from ..models.loading import load_processor
-    from ..offsite.attack import ATTACKS, margin
+    from ..offsite.attack import attacks_for, margin
     from ..offsite.emulated import EmulatedModel
     from ..training import data
     from ..training.evaluate import evaluate
@@ -26,7 +26,7 @@ def cmd_attack(args) -> None:
     cfg, pad_id = train_config(args), getattr(processor, "pad_token_id", 0) or 0
     record = {"bundle": str(bundle), "data": args.data, "split": args.split,
               "train": cfg.model_dump(), "attacks": {}}
-    for name, attack in ATTACKS.items():
+    for name, attack in attacks_for(train_items).items():
         emulated = EmulatedModel(bundle)
         record["attacks"][name] = evaluate(attack(emulated, train_items, cfg, pad_id,
                                                   args.seed), test, processor)

@@ -12,6 +12,7 @@ from ..emulators.channels import ChannelPruning
 from ..emulators.harmonizer import BottleneckHarmonizer
 from ..emulators.lowrank import LowRankCompression
 from ..emulators.pipeline import DistillConfig, SplitConfig
+from ..emulators.recipes import RECIPES
 from ..emulators.similarity import SimilaritySelection
 from ..errors import UserError
 from ..config.sections import DataConfig, TuningConfig
@@ -56,11 +57,22 @@ def family(args) -> dict | None:
 
 
 def split_config(args) -> SplitConfig:
-    """The ``split`` section the emulator flags describe (validated like a run config's)."""
+    """The ``split`` section the emulator flags describe (validated like a run config's); with
+    ``--recipe``, that recipe for ``--model`` with the flags given on top."""
     from ..config import build_section
 
     if args.repeat_blocks and args.layer_selection != "similarity":
         raise UserError("--repeat-blocks: needs --layer-selection similarity")
+    tree = _flag_tree(args)
+    if args.recipe:
+        from ..emulators.recipes import with_recipe
+
+        tree = with_recipe({"recipe": args.recipe, **_given_only(tree, args.given)},
+                           args.model)
+    return build_section("split", tree)
+
+
+def _flag_tree(args) -> dict:
     selection = {"name": args.layer_selection}
     if args.layer_selection == "similarity":
         selection["repeat_blocks"] = args.repeat_blocks
@@ -71,14 +83,38 @@ def split_config(args) -> SplitConfig:
     for flag, default in FLAG_DEFAULTS.items():
         if flag in own:
             compression[flag] = getattr(args, flag)
+        elif args.recipe and _flag(flag) in args.given:  # refines the recipe's compression
+            compression = {**(compression or {}), flag: getattr(args, flag)}
         elif getattr(args, flag) != default:
             needs = " or ".join(f"--compression {m}" for m, f in COMPRESSION_FLAGS.items()
                                 if flag in f)
-            raise UserError(f"--{flag.replace('_', '-')}: needs {needs}")
+            raise UserError(f"{_flag(flag)}: needs {needs}")
     harmonizer = {"width": args.harmonizer_width} if args.harmonizer_width else None
-    return build_section("split", {
-        **field_values(args, PLAN_FIELDS + SIZE_FIELDS), "selection": selection,
-        "distill": distill, "compression": compression, "harmonizer": harmonizer})
+    return {**field_values(args, PLAN_FIELDS + SIZE_FIELDS), "selection": selection,
+            "distill": distill, "compression": compression, "harmonizer": harmonizer}
+
+
+def _flag(field: str, prefix: str = "") -> str:
+    return "--" + prefix + field.replace("_", "-")
+
+
+# the flags that set each part of the split section (besides --<field> for its own fields)
+SECTION_FLAGS = {"selection": {"--layer-selection", "--repeat-blocks"},
+                 "harmonizer": {"--harmonizer-width"}}
+
+
+def _given_only(tree: dict, given: set[str]) -> dict:
+    """The part of the flags' split section that the command line set (the rest is left to
+    the recipe)."""
+    out = {k: tree[k] for k in PLAN_FIELDS + SIZE_FIELDS if _flag(k) in given}
+    out.update({k: tree[k] for k, flags in SECTION_FLAGS.items() if flags & given})
+    if tree["compression"] is not None:
+        out["compression"] = tree["compression"]
+    distill = {k: tree["distill"][k] for k in DISTILL_PREFIXED if _flag(k, "distill-") in given}
+    distill.update({k: tree["distill"][k] for k in (*DISTILL_PLAIN, "seed") if _flag(k) in given})
+    if distill:
+        out["distill"] = distill
+    return out
 
 
 def train_config(args) -> TrainConfig:
@@ -241,9 +277,14 @@ def add_commands(sub) -> None:
 
 
 def _add_emulator(sub) -> None:
-    p = sub.add_parser("emulator", help="model owner: split a model into adapter + emulator bundle")
+    # no abbreviated flags: with --recipe, a flag's presence decides what overrides the recipe
+    p = sub.add_parser("emulator", allow_abbrev=False,
+                       help="model owner: split a model into adapter + emulator bundle")
     p.add_argument("--model", required=True, help="hub name, local path or fl-offsite/<zoo model>")
     p.add_argument("--out", required=True, type=Path, help="bundle directory to create")
+    p.add_argument("--recipe", choices=list(RECIPES), help="start from a named recipe sized to "
+                   "the model (pretrained-llm: the one measured on SmolLM2-135M; README); the "
+                   "split flags given beside it override its settings")
     add_fields(p, SplitConfig, PLAN_FIELDS)
     add_fields(p.add_mutually_exclusive_group(), SplitConfig, SIZE_FIELDS)
     p.add_argument("--layer-selection", choices=list(SELECTIONS), default="uniform",

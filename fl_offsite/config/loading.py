@@ -93,6 +93,10 @@ def load(path: str | Path | None, overrides: list[str] | dict | None = None,
                  (parse_override(o) for o in overrides or []))
     for key, value in items:
         set_dotted(tree, key, value)
+    if isinstance(tree.get("split"), dict) and isinstance(tree.get("model"), str):
+        from ..emulators.recipes import with_recipe  # a named recipe, sized to the model
+
+        tree["split"] = with_recipe(tree["split"], tree["model"])
     try:
         return Config.model_validate(tree)
     except ValidationError as exc:

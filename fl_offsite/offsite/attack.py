@@ -3,14 +3,16 @@ without the full model, with the same data and training budget as the honest ada
 
 Offsite-Tuning's privacy claim is that the emulator alone is clearly worse than plug-in. The
 usual check trains only the adapter on the emulator ("emulator fine-tuned"); a data owner who
-tries harder trains every weight the bundle gives them. Each attack is a function from a
-loaded bundle to the model it leaves the data owner with, registered by name; ``margin`` says
-how far plug-in stays ahead of the best of them.
+tries harder trains every weight the bundle gives them, or adds the emulator's own writing to
+their data. Each attack is a function from a loaded bundle to the model it leaves the data
+owner with, registered by name; ``margin`` says how far plug-in stays ahead of the best of them.
 """
 
 from __future__ import annotations
 
 from typing import Callable
+
+import torch
 
 from ..training.config import TrainConfig
 from ..training.loop import train
@@ -36,10 +38,58 @@ def every_weight(emulated: EmulatedModel, items: list[dict], cfg: TrainConfig, p
     return emulated.model
 
 
+def own_generations(emulated: EmulatedModel, items: list[dict], cfg: TrainConfig, pad_id: int,
+                    seed: int):
+    """The emulator's own writing as more data: after the honest adapter training, the tuned
+    emulator continues the opening of every training example (sampled), and every weight then
+    trains on the real examples and those continuations. It costs the data owner about three
+    times the honest training plus the generation, which is the point: more effort, no new
+    access."""
+    model = adapter_only(emulated, items, cfg, pad_id, seed)
+    return every_weight(emulated, items + continuations(model, items, pad_id, seed, cfg.batch_size),
+                        cfg, pad_id, seed)
+
+
+@torch.no_grad()
+def continuations(model, items: list[dict], pad_id: int, seed: int, batch_size: int
+                  ) -> list[dict]:
+    """One sampled rewrite per text example: its prompt (the context a multiple-choice item
+    does not train on, else its first quarter) continued by ``model`` to the example's length;
+    only the written tokens are trained on. Examples with equal prompt and total lengths are
+    generated together, so no padding is needed."""
+    torch.manual_seed(seed)
+    groups: dict[tuple[int, int], list[torch.Tensor]] = {}
+    for item in items:
+        ids, labels = item["input_ids"], item["labels"]
+        context = int((labels == -100).sum()) or max(1, len(ids) // 4)
+        groups.setdefault((context, len(ids)), []).append(ids[:context])
+    out = []
+    for (context, length), prompts in groups.items():
+        for start in range(0, len(prompts), batch_size):
+            batch = torch.stack(prompts[start:start + batch_size])
+            written = model.generate(batch, max_new_tokens=length - context, min_new_tokens=
+                                     length - context, do_sample=True, top_k=50,
+                                     pad_token_id=pad_id, use_cache=False)
+            for row in written:
+                labels = row.clone()
+                labels[:context] = -100
+                out.append({"input_ids": row, "labels": labels})
+    return out
+
+
 ATTACKS: dict[str, Callable] = {
     "adapter only": adapter_only,
     "every weight": every_weight,
+    "own generations": own_generations,
 }
+# attacks that write text: not run on an image task
+TEXT_ONLY = {"own generations"}
+
+
+def attacks_for(items: list[dict]) -> dict[str, Callable]:
+    """The attacks that apply to a task whose training examples are ``items``."""
+    text = "input_ids" in items[0]
+    return {name: attack for name, attack in ATTACKS.items() if text or name not in TEXT_ONLY}
 
 
 def margin(plugin: dict, attacks: dict[str, dict]) -> dict:
