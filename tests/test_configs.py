@@ -10,7 +10,7 @@ import pytest
 
 from fl_offsite import config as configs
 from fl_offsite.errors import UserError
-from fl_offsite.reference.reproduce import RECIPES, Plan
+from fl_offsite.reference.reproduce import MODEL_PLANS, Plan
 
 ROOT = Path(__file__).parents[1]
 
@@ -41,7 +41,7 @@ def test_offsite_runs_are_named_apart_from_simulate_runs(tmp_path, monkeypatch):
     assert (offsite_dir / "config.yaml").is_file()
 
 
-@pytest.mark.parametrize("model", sorted(RECIPES))
+@pytest.mark.parametrize("model", sorted(MODEL_PLANS))
 def test_every_recommended_recipe_makes_valid_emulators(model):
     plan = Plan.for_model(model)
     for distilled in (False, True):

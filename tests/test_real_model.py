@@ -11,7 +11,7 @@ import json
 import pytest
 
 from fl_offsite.models import fetch
-from fl_offsite.reference.reproduce import RECIPES, SETTINGS, Plan, reproduce
+from fl_offsite.reference.reproduce import MODEL_PLANS, SETTINGS, Plan, reproduce
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +28,7 @@ def smollm2() -> str:
 @pytest.mark.timeout(3600)  # about 25 minutes on one core: 8 trainings of a 30-block model
 def test_quick_recipe_on_smollm2_beats_zero_shot(smollm2, tmp_path):
     plan = Plan.for_model(smollm2, quick=True)
-    assert plan.compression == RECIPES[smollm2]["compression"]  # the recommended recipe's emulator
+    assert plan.compression == MODEL_PLANS[smollm2]["compression"]  # the recommended recipe's emulator
     plan.tasks = ["fl-offsite/devil"]
     results = reproduce(plan, tmp_path / "repro")
     devil = {s: results["tasks"]["devil"][s]["ppl"] for s in SETTINGS}

@@ -88,9 +88,9 @@ class Plan:
 
     @classmethod
     def for_model(cls, model: str | None = None, quick: bool = False) -> "Plan":
-        """The plan for ``model``'s recommended recipe (``RECIPES``), or its quick version."""
+        """The plan for ``model``'s recommended plan (``MODEL_PLANS``), or its quick version."""
         model = model or cls.model
-        plan = cls(model=model, **RECIPES.get(model, {}))
+        plan = cls(model=model, **MODEL_PLANS.get(model, {}))
         if quick:
             plan.tasks = [t for t in plan.tasks if t != "fl-offsite/bible-cloze"][:3]
             plan.seeds, plan.epochs, plan.max_train, plan.max_eval = [0], 1, 160, 40
@@ -138,9 +138,10 @@ class Plan:
                         "max_examples": self.distill_max_examples if own else None}})
 
 
-# Each model's recommended recipe where it differs from the defaults above (which are
-# ref-opt's); `fl-offsite reproduce --model NAME` uses it. How each was found: README.
-RECIPES: dict[str, dict] = {
+# Each model's reproduction plan (its recommended recipe) where it differs from the defaults
+# above (which are ref-opt's); `fl-offsite reproduce --model NAME` uses it. How each was
+# found: README.
+MODEL_PLANS: dict[str, dict] = {
     # 30 blocks: an 8+8 adapter (its ceiling, trained on the exact middle, is 57.9 on devil
     # against full fine-tuning's 55.6; 6+6's is 59.0) and every one of the 14 middle blocks
     # kept with a fifth of its MLP channels (the emulator is 40% of the middle's bytes): no
