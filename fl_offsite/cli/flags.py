@@ -19,11 +19,16 @@ def _flag_type(annotation):
     return annotation, None
 
 
+def flag_name(field: str, prefix: str = "") -> str:
+    """The command-line flag of a config field: ``--<prefix><field with dashes>``."""
+    return "--" + prefix + field.replace("_", "-")
+
+
 def add_fields(group, model: type[BaseModel], names, prefix: str = "") -> None:
     """One ``--<prefix><name>`` flag per field of ``model`` in ``names``."""
     for name in names:
         field = model.model_fields[name]
-        flag = "--" + prefix + name.replace("_", "-")
+        flag = flag_name(name, prefix)
         help_text = field.description or None
         if field.annotation is bool:
             group.add_argument(flag, dest=prefix.replace("-", "_") + name, action="store_true",

@@ -17,7 +17,7 @@ from ..emulators.similarity import SimilaritySelection
 from ..errors import UserError
 from ..config.sections import DataConfig, TuningConfig
 from ..training.config import TrainConfig
-from .flags import add_fields, field_values
+from .flags import add_fields, field_values, flag_name
 
 PLAN_FIELDS = ("adapter_bottom", "adapter_top")
 SIZE_FIELDS = ("emulator_layers", "drop_ratio")
@@ -83,19 +83,15 @@ def _flag_tree(args) -> dict:
     for flag, default in FLAG_DEFAULTS.items():
         if flag in own:
             compression[flag] = getattr(args, flag)
-        elif args.recipe and _flag(flag) in args.given:  # refines the recipe's compression
+        elif args.recipe and flag_name(flag) in args.given:  # refines the recipe's compression
             compression = {**(compression or {}), flag: getattr(args, flag)}
         elif getattr(args, flag) != default:
             needs = " or ".join(f"--compression {m}" for m, f in COMPRESSION_FLAGS.items()
                                 if flag in f)
-            raise UserError(f"{_flag(flag)}: needs {needs}")
+            raise UserError(f"{flag_name(flag)}: needs {needs}")
     harmonizer = {"width": args.harmonizer_width} if args.harmonizer_width else None
     return {**field_values(args, PLAN_FIELDS + SIZE_FIELDS), "selection": selection,
             "distill": distill, "compression": compression, "harmonizer": harmonizer}
-
-
-def _flag(field: str, prefix: str = "") -> str:
-    return "--" + prefix + field.replace("_", "-")
 
 
 # the flags that set each part of the split section (besides --<field> for its own fields)
@@ -106,12 +102,12 @@ SECTION_FLAGS = {"selection": {"--layer-selection", "--repeat-blocks"},
 def _given_only(tree: dict, given: set[str]) -> dict:
     """The part of the flags' split section that the command line set (the rest is left to
     the recipe)."""
-    out = {k: tree[k] for k in PLAN_FIELDS + SIZE_FIELDS if _flag(k) in given}
+    out = {k: tree[k] for k in PLAN_FIELDS + SIZE_FIELDS if flag_name(k) in given}
     out.update({k: tree[k] for k, flags in SECTION_FLAGS.items() if flags & given})
     if tree["compression"] is not None:
         out["compression"] = tree["compression"]
-    distill = {k: tree["distill"][k] for k in DISTILL_PREFIXED if _flag(k, "distill-") in given}
-    distill.update({k: tree["distill"][k] for k in (*DISTILL_PLAIN, "seed") if _flag(k) in given})
+    distill = {k: v for k, v in tree["distill"].items()
+               if (flag_name(k, "distill-") if k in DISTILL_PREFIXED else flag_name(k)) in given}
     if distill:
         out["distill"] = distill
     return out
