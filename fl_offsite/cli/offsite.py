@@ -12,7 +12,7 @@ from ..emulators.channels import ChannelPruning
 from ..emulators.harmonizer import BottleneckHarmonizer
 from ..emulators.lowrank import LowRankCompression
 from ..emulators.pipeline import DistillConfig, SplitConfig
-from ..emulators.recipes import RECIPES
+from ..emulators.recipes import RECIPES, with_recipe
 from ..emulators.similarity import SimilaritySelection
 from ..errors import UserError
 from ..config.sections import DataConfig, TuningConfig
@@ -65,8 +65,6 @@ def split_config(args) -> SplitConfig:
         raise UserError("--repeat-blocks: needs --layer-selection similarity")
     tree = _flag_tree(args)
     if args.recipe:
-        from ..emulators.recipes import with_recipe
-
         tree = with_recipe({"recipe": args.recipe, **_given_only(tree, args.given)},
                            args.model)
     return build_section("split", tree)

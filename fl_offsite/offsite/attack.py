@@ -67,9 +67,10 @@ def continuations(model, items: list[dict], pad_id: int, seed: int, batch_size: 
     for (context, length), prompts in groups.items():
         for start in range(0, len(prompts), batch_size):
             batch = torch.stack(prompts[start:start + batch_size])
-            written = model.generate(batch, max_new_tokens=length - context, min_new_tokens=
-                                     length - context, do_sample=True, top_k=50,
-                                     pad_token_id=pad_id, use_cache=False)
+            new = length - context
+            written = model.generate(batch, max_new_tokens=new, min_new_tokens=new,
+                                     do_sample=True, top_k=50, pad_token_id=pad_id,
+                                     use_cache=False)
             for row in written:
                 labels = row.clone()
                 labels[:context] = -100
