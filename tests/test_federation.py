@@ -153,6 +153,28 @@ def test_run_directory_summary_and_tensorboard(crashing_run):
         assert all(math.isfinite(e.value) for e in events.Scalars(tag))
     assert "config/text_summary" in events.Tags()["tensors"]
     assert list((run_dir / "ray").iterdir())  # Ray kept its session files in the run
+    import ray
+    assert not ray.is_initialized()
+
+
+def test_ray_is_up_before_the_model_owner_starts_and_down_after_it_fails(tmp_path, monkeypatch):
+    """Ray must not fork its processes while the ServerApp's thread runs (a fork under a held
+    lock hangs); a failed run must not leave Ray running."""
+    import ray
+    from fl_offsite.federation import server
+
+    seen = []
+
+    def failing_owner(grid, cfg, run_dir, resume):
+        seen.append(ray.is_initialized())
+        raise RuntimeError("the model owner failed")
+
+    monkeypatch.setattr(server, "run_federation", failing_owner)
+    cfg = configs.load(None, {**BASE, "rounds": 1})
+    with pytest.raises(RuntimeError, match="model owner failed"):
+        simulate(cfg, new_run_dir(cfg, tmp_path / "run"))
+    assert seen == [True]
+    assert not ray.is_initialized()
 
 
 def test_offsite_mode_over_the_message_transport(tmp_path):

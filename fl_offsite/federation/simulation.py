@@ -4,12 +4,19 @@ Uses ``flwr.simulation.run_simulation``: it is the in-process path and re-raises
 ServerApp's errors, so a failed run makes ``fl-offsite simulate`` exit non-zero. Ray's
 session files and every cache the run writes stay inside the run directory (Ray gets a short
 symlink to it, because its socket paths must stay under 108 characters).
+
+Ray is started here, before ``run_simulation`` starts the ServerApp's thread: Ray forks its
+processes with a Python pre-exec hook, and a fork while another thread holds a lock can hang
+the child for good (seen once in a reproduction: 37 minutes stuck in Ray's start). Flower's
+backend skips ``ray.init`` when Ray is up and shuts it down when the run ends; the ``finally``
+here shuts it down when the run fails before that.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -64,6 +71,20 @@ def _short_link(target: Path):
         link.parent.rmdir()
 
 
+@contextlib.contextmanager
+def _ray_started(init_args: dict):
+    """Ray up in this thread for the block, with this process's import path; down after it."""
+    import ray
+
+    path = os.pathsep.join(filter(None, [*sys.path, os.environ.get("PYTHONPATH")]))
+    with _environment(PYTHONPATH=path):
+        ray.init(runtime_env={"env_vars": {"PYTHONPATH": path}}, **init_args)
+        try:
+            yield
+        finally:
+            ray.shutdown()
+
+
 def simulate(cfg: Config, run_dir: Path, verbose: bool = False, resume: bool = False) -> dict:
     """Run the federation on Flower's Ray backend; returns the run summary."""
     from flwr.serverapp import ServerApp
@@ -106,7 +127,7 @@ def simulate(cfg: Config, run_dir: Path, verbose: bool = False, resume: bool = F
                                  "num_gpus": cfg.resources.num_gpus},
             "init_args": init_args,
         }
-        with recovering_ray_backend():
+        with _ray_started(init_args), recovering_ray_backend():
             run_simulation(server_app=server_app, client_app=client_app,
                            num_supernodes=cfg.num_clients, backend_name="ray",
                            backend_config=backend_config, verbose_logging=verbose)
