@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 
+from ..models.generation import generate
 from ..training.config import TrainConfig
 from ..training.loop import train
 from .emulated import EmulatedModel
@@ -68,9 +69,8 @@ def continuations(model, items: list[dict], pad_id: int, seed: int, batch_size: 
         for start in range(0, len(prompts), batch_size):
             batch = torch.stack(prompts[start:start + batch_size])
             new = length - context
-            written = model.generate(batch, max_new_tokens=new, min_new_tokens=new,
-                                     do_sample=True, top_k=50, pad_token_id=pad_id,
-                                     use_cache=False)
+            written = generate(model, batch, max_new_tokens=new, min_new_tokens=new,
+                               do_sample=True, top_k=50, pad_token_id=pad_id)
             for row in written:
                 labels = row.clone()
                 labels[:context] = -100

@@ -11,6 +11,7 @@ import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
+from ..models.generation import generate
 from .evaluate import score_continuations
 
 
@@ -62,9 +63,8 @@ class OffsiteLM(LM):
             until = kwargs.get("until") or [self.tokenizer.eos_token]
             ids = torch.tensor([self._context_ids(context)[-(self.max_length - 1):]])
             budget = min(int(kwargs.get("max_gen_toks", 64)), self.max_length - ids.shape[1])
-            generated = self.model.generate(ids, max_new_tokens=max(budget, 1), do_sample=False,
-                                            pad_token_id=self.tokenizer.pad_token_id,
-                                            use_cache=False)
+            generated = generate(self.model, ids, max_new_tokens=max(budget, 1),
+                                 do_sample=False, pad_token_id=self.tokenizer.pad_token_id)
             text = self.tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True)
             for stop in until:
                 text = text.split(stop)[0]
