@@ -28,6 +28,18 @@ def test_allocation_gives_rank_where_the_gradient_is_sensitive():
     assert set(allocate(scores, costs, budget=1000).values()) == {ratios[-1]}
 
 
+def test_allocation_skips_rungs_that_lower_the_cosine():
+    """SmolLM2-135M's blocks 8 and 9 under MLP channel pruning (the cosines measured for the
+    recipe's 8-14-8 split): block 8 agrees worse at a fifth of its channels than at a tenth,
+    and far better at two fifths."""
+    costs = {i: {0.1: 1, 0.2: 2, 0.4: 4} for i in (8, 9)}
+    scores = {8: {0.1: 0.3911, 0.2: 0.2049, 0.4: 0.8015},
+              9: {0.1: 0.9567, 0.2: 0.9868, 0.4: 0.9909}}
+    assert allocate(scores, costs, budget=5) == {8: 0.4, 9: 0.1}
+    assert allocate(scores, costs, budget=3) == {8: 0.1, 9: 0.2}  # no room for the jump
+    assert allocate({8: scores[8]}, {8: costs[8]}, budget=2) == {8: 0.1}  # a worse rung: not taken
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_gradient_allocation_from_the_cli_records_its_scores(method, tmp_path, capsys):
     flags, budget, lossy, milder = METHODS[method]

@@ -66,23 +66,25 @@ def gradient_scores(model, arch, plan, emulator: dict | None, items: list[dict],
 def allocate(scores: dict[int, dict[float, float]], costs: dict[int, dict[float, int]],
              budget: float) -> dict[int, float]:
     """Per block, the candidate to use: all start at the cheapest; the upgrade with the most
-    cosine gained per parameter is taken while the total cost stays within ``budget``."""
-    ladder = {i: sorted(by, key=lambda c: (costs[i][c], c)) for i, by in scores.items()}
-    step = {i: 0 for i in scores}
-    spent = sum(costs[i][ladder[i][0]] for i in scores)
+    cosine gained per parameter is taken while the total cost stays within ``budget``.
+
+    An upgrade may skip rungs, and one that lowers the cosine is never taken: on SmolLM2 a
+    block's cosine fell from 0.39 at a tenth of its channels to 0.20 at a fifth and rose to 0.80
+    at two fifths, so a one-rung ladder left it at a tenth."""
+    choice = {i: min(by, key=lambda c: (costs[i][c], c)) for i, by in scores.items()}
+    spent = sum(costs[i][c] for i, c in choice.items())
     while True:
         best = None
-        for i, k in step.items():
-            if k + 1 == len(ladder[i]):
-                continue
-            low, high = ladder[i][k], ladder[i][k + 1]
-            extra = costs[i][high] - costs[i][low]
-            if spent + extra > budget:
-                continue
-            value = (scores[i][high] - scores[i][low]) / max(extra, 1)
-            if best is None or value > best[0]:
-                best = (value, i, extra)
+        for i, current in choice.items():
+            for candidate, score in scores[i].items():
+                extra = costs[i][candidate] - costs[i][current]
+                gain = score - scores[i][current]
+                if extra <= 0 or gain <= 0 or spent + extra > budget:
+                    continue
+                if best is None or gain / extra > best[0]:
+                    best = (gain / extra, i, candidate, extra)
         if best is None:
-            return {i: ladder[i][k] for i, k in step.items()}
-        step[best[1]] += 1
-        spent += best[2]
+            return choice
+        _, i, candidate, extra = best
+        choice[i] = candidate
+        spent += extra
