@@ -30,8 +30,6 @@ import re
 import time
 from pathlib import Path
 
-CLIP = 1.0  # TrainConfig's max_grad_norm default
-
 
 VARIANT = re.compile(r"(?P<kind>control|average|cosine|hold-(?P<hold>[0-9.]+))"
                      r"(?P<suffixes>(?:-(?:lr|epochs)-[0-9.]+(?:e-?[0-9]+)?)*)")
@@ -58,8 +56,10 @@ def train_adapter(emulated, items, batch_size: int, pad_id: int, hold: float, av
     import torch
     from torch.utils.data import DataLoader
 
+    from fl_offsite.training.config import TrainConfig
     from fl_offsite.training.data import collate
 
+    clip = TrainConfig().max_grad_norm  # as `fl-offsite train` clips by default
     emulated.prepare("blocks")
     blocks = emulated.arch.blocks(emulated.model)
     positions = sorted(emulated.order.index(i) for i in emulated.info.plan.adapter)
@@ -91,7 +91,7 @@ def train_adapter(emulated, items, batch_size: int, pad_id: int, hold: float, av
                     t.requires_grad_(False)
             loss = emulated.model(**batch).loss
             loss.backward()
-            torch.nn.utils.clip_grad_norm_([t for t in trainable if t.grad is not None], CLIP)
+            torch.nn.utils.clip_grad_norm_([t for t in trainable if t.grad is not None], clip)
             optimizer.step()  # AdamW skips tensors without a gradient: the held half
             optimizer.zero_grad(set_to_none=True)
             schedule.step()
