@@ -24,7 +24,7 @@ SIZE_FIELDS = ("emulator_layers", "drop_ratio")
 DISTILL_PREFIXED = ("data", "steps", "lr", "batch_size", "max_examples", "eval_every",
                     "nmse", "mixed_precision", "after_compression")
 DISTILL_PLAIN = ("block_size", "kd_weight", "lm_weight", "layer_weight", "margin",
-                 "margin_weight")
+                 "margin_weight", "grad_weight")
 LORA_FIELDS = ("lora_r", "lora_alpha", "lora_dropout")
 # the flags of each in-layer compression method (the fields they set), and their defaults
 COMPRESSION_FLAGS = {"lowrank": ("rank_ratio", "allocation"),

@@ -35,6 +35,9 @@ class DistillConfig(_Section):
                           "above the full model's (with margin_weight > 0)")
     margin_weight: float = Field(0.0, ge=0.0, description="weight of the margin penalty "
                                  "(LLEOT-style: the emulator alone stays bad; 0: off)")
+    grad_weight: float = Field(0.0, ge=0.0, description="weight of matching the gradient "
+                               "the bottom adapter receives through the middle (a second "
+                               "backward through the emulator per step; 0: off)")
     eval_every: int = Field(50, ge=1, description="held-out check (best step is kept)")
     nmse: Literal["global", "per_token"] = Field(
         "global", description="global: one ratio over all tokens (Offsite-Tuning's); per_token: "
@@ -85,6 +88,14 @@ class SplitConfig(_Section):
         return self
 
     @model_validator(mode="after")
+    def _gradient_has_a_receiver(self):
+        if self.distill.grad_weight and not self.adapter_bottom:
+            raise ValueError("distill.grad_weight: matches the gradient the bottom adapter "
+                             "receives, and adapter_bottom is 0; set adapter_bottom >= 1 or "
+                             "grad_weight 0")
+        return self
+
+    @model_validator(mode="after")
     def _harmonizer_is_trained(self):
         if self.harmonizer is not None and not self.distill.steps:
             raise ValueError("harmonizer: is trained by distillation; set split.distill.steps "
@@ -113,7 +124,7 @@ def make_emulator(model, processor, split: SplitConfig, log=None
     they were made. Compression is fitted here and applied when the bundle is written, or,
     with ``distill.after_compression``, applied here and the compressed blocks distilled."""
     from ..models.families import resolve
-    from .distill import distill, emulated_from_full
+    from .distill import Objective, distill, emulated_from_full
 
     arch = resolve(model)
     pad_id = getattr(processor, "pad_token_id", 0) or 0
@@ -133,12 +144,10 @@ def make_emulator(model, processor, split: SplitConfig, log=None
             split_state(model, arch)[1], plan.emulator), split.compression)
     if d.steps:
         student = emulated_from_full(model, arch, plan, emulator)
-        emulator, report = distill(model, student, arch, plan,
-                                   public[0], public[1], d.steps, d.lr, d.batch_size,
-                                   d.kd_weight, d.lm_weight, d.layer_weight, d.eval_every,
-                                   d.seed, pad_id, log, autocast=d.mixed_precision == "bf16",
-                                   per_token=d.nmse == "per_token", margin=d.margin,
-                                   margin_weight=d.margin_weight)
+        emulator, report = distill(model, student, arch, plan, public[0], public[1],
+                                   Objective.from_config(plan, d), d.steps, d.lr,
+                                   d.batch_size, d.eval_every, d.seed, pad_id, log,
+                                   autocast=d.mixed_precision == "bf16")
         record["distill"] = {"data": d.data, **report}
     if split.compression is not None and not d.after_compression:
         record["compression"] = split.compression.fit(model, arch, plan, emulator,

@@ -79,7 +79,7 @@ class ModelOwner:
         """Re-distil the emulator against the full model with ``adapter`` plugged in
         (FedBiOT-style), write that bundle version and switch to it. Returns the adapter,
         re-stamped for the new bundle, and the distillation report."""
-        from ..emulators.distill import distill, emulated_from_full
+        from ..emulators.distill import Objective, distill, emulated_from_full
         from ..emulators.pipeline import public_items
 
         if self.public is None:
@@ -90,13 +90,11 @@ class ModelOwner:
         adapters.plug(self.model, self.arch, adapter)
         student = emulated_from_full(self.model, self.arch, plan,
                                      load_tensors(self.bundle_dir / "emulator.safetensors"))
-        tensors, report = distill(self.model, student, self.arch, plan, *self.public, r.steps,
-                                  r.lr, d.batch_size, d.kd_weight, d.lm_weight, d.layer_weight,
+        tensors, report = distill(self.model, student, self.arch, plan, *self.public,
+                                  Objective.from_config(plan, d), r.steps, r.lr, d.batch_size,
                                   eval_every=r.steps, seed=d.seed + rnd,
                                   pad_id=getattr(self.processor, "pad_token_id", 0) or 0,
-                                  autocast=d.mixed_precision == "bf16",
-                                  per_token=d.nmse == "per_token", margin=d.margin,
-                                  margin_weight=d.margin_weight)
+                                  autocast=d.mixed_precision == "bf16")
         adapters.load_into(self.model, self.arch, order, self.pristine)
         record = {**self.info.emulator, "realigned_after_round": rnd, "realign": report}
         target = run_dir / "bundles" / f"round-{rnd:04d}"
