@@ -6,8 +6,8 @@
 
 For each method the model owner builds a bundle (uniform drop, similarity choice, similarity
 with shared blocks, distilled, int8, low-rank factors with uniform or gradient-allocated
-ranks, alone or on top of the drop, MLP channel pruning, distillation with a margin or with
-harmonizers), the data owner fine-tunes the adapter on the task's
+ranks, alone or on top of the drop, MLP channel pruning, distillation with a margin, with
+harmonizers or matching the bottom adapter's gradient), the data owner fine-tunes the adapter on the task's
 training split with the same budget, and the adapter is plugged into the full model; a data
 owner who tries harder trains every weight of the bundle with the same budget (the "every
 weight" attack of ``fl_offsite.offsite.attack``). Printed per method: emulator alone,
@@ -45,6 +45,7 @@ METHODS = {
         "name": "channels", "keep_ratio": 0.25, "allocation": "gradient"}},
     "distilled + margin": {"distill": {"margin_weight": 1.0}},
     "distilled + harmonizers": {"distill": {}, "harmonizer": {"width": 32}},
+    "distilled + gradient": {"distill": {"grad_weight": 10.0}},
 }
 
 
