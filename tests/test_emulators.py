@@ -319,7 +319,7 @@ def test_per_token_distillation_runs_from_the_cli(tmp_path, pydoc_data, capsys):
     assert record["held_out_best"]["nmse"] <= record["held_out_before"]["nmse"]
 
 
-def test_gradient_matching_distillation_runs_from_the_cli(tmp_path, pydoc_data):
+def test_gradient_matching_distillation_runs_from_the_cli(tmp_path, pydoc_data, capsys):
     out = tmp_path / "b"
     assert cli.main(["emulator", "--model", "fl-offsite/tiny-opt", "--out", str(out),
                      "--emulator-layers", "2", "--distill-data", pydoc_data, "--distill-steps",
@@ -327,7 +327,9 @@ def test_gradient_matching_distillation_runs_from_the_cli(tmp_path, pydoc_data):
                      "--block-size", "32"]) == 0
     record = json.loads((out / "offsite.json").read_text())["emulator"]["distill"]
     assert record["grad_weight"] == 10
-    assert record["held_out_best"]["grad_nmse"] <= record["held_out_before"]["grad_nmse"]
+    best, before = record["held_out_best"]["grad_nmse"], record["held_out_before"]["grad_nmse"]
+    assert best <= before
+    assert f"gradient nmse {before:.4f} -> {best:.4f}" in capsys.readouterr().out
 
 
 def test_row_losses_add_up_to_the_models_own_loss():

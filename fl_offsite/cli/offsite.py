@@ -137,7 +137,9 @@ def cmd_emulator(args) -> None:
           f"the {made['middle_bytes'] / 1e6:.1f} MB of middle blocks it stands in for")
     if "distill" in made:
         before, best = made["distill"]["held_out_before"], made["distill"]["held_out_best"]
-        print(f"distilled: held-out nmse {before['nmse']:.4f} -> {best['nmse']:.4f} "
+        gradient = (f", gradient nmse {before['grad_nmse']:.4f} -> {best['grad_nmse']:.4f}"
+                    if "grad_nmse" in best else "")
+        print(f"distilled: held-out nmse {before['nmse']:.4f} -> {best['nmse']:.4f}{gradient} "
               f"(best step {made['distill']['best_step']})")
 
 
