@@ -16,9 +16,9 @@ that item costs only the student. The gradient term is what the bottom adapter t
 the full model's gradient of its task loss at the middle's output, and the data owner's bottom
 blocks receive the middle's vector-Jacobian product of it. Matching hidden states alone leaves
 that backward path free to differ (the two halves of the adapter then co-adapt to the emulator
-and plug in worse); matching it costs a second backward through the emulator blocks. With ``lm_weight`` 0 the student also stops after its last
-emulator block (no top blocks, no vocabulary-sized head), which is most of a small model's
-cost. Every ``eval_every`` steps the objective is measured on a held-out split of the public
+and plug in worse); matching it costs a second backward through the emulator blocks. With
+``lm_weight`` 0 the student also stops after its last emulator block (no top blocks, no
+vocabulary-sized head), which is most of a small model's cost. Every ``eval_every`` steps the objective is measured on a held-out split of the public
 data (its ``validation`` split, or the last tenth of its training blocks) and the best
 emulator is kept. The same routine re-aligns an emulator between federated rounds
 (FedBiOT-style), with the current global adapter plugged into both models.
@@ -193,23 +193,24 @@ def _stacked(per_item: list[list[torch.Tensor]], width: int | None) -> list[torc
 
 def summed_task_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The task loss summed over rows and tokens (so a row's gradient ignores its batch)."""
+    return _row_sums(logits, labels)[0].sum()
+
+
+def _row_sums(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed task loss, scored positions) per row, as tensors: next-token cross-entropy for a
+    language model's (rows, tokens, vocab) logits, the label's for a classifier's (rows,
+    classes)."""
     f = torch.nn.functional
     if logits.dim() == 2:
-        return f.cross_entropy(logits.float(), labels, reduction="sum")
-    return f.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels[:, 1:],
-                           reduction="sum", ignore_index=-100)
+        return f.cross_entropy(logits.float(), labels, reduction="none"), torch.ones_like(labels)
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    token = f.cross_entropy(logits.transpose(1, 2), labels, reduction="none", ignore_index=-100)
+    return token.sum(1), (labels != -100).sum(1)
 
 
 def row_losses(logits: torch.Tensor, labels: torch.Tensor) -> list[tuple[float, int]]:
-    """(summed task loss, scored positions) per row: next-token cross-entropy for a language
-    model's (rows, tokens, vocab) logits, the label's for a classifier's (rows, classes)."""
-    f = torch.nn.functional
-    if logits.dim() == 2:
-        return [(float(x), 1) for x in f.cross_entropy(logits.float(), labels, reduction="none")]
-    logits, labels = logits[:, :-1].float(), labels[:, 1:]
-    token = f.cross_entropy(logits.transpose(1, 2), labels, reduction="none", ignore_index=-100)
-    scored = (labels != -100).sum(1)
-    return [(float(t), int(n)) for t, n in zip(token.sum(1), scored)]
+    """(summed task loss, scored positions) per row (see ``_row_sums``)."""
+    return [(float(t), int(n)) for t, n in zip(*_row_sums(logits, labels))]
 
 
 def _on(batch: dict, model) -> dict:
