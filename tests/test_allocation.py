@@ -1,6 +1,7 @@
-"""Gradient allocation, shared by the in-layer methods (low rank, channel pruning): per-block
-ratios within the budget, recorded with the cosines they were chosen by; their settings are
-refused without their method or without public text."""
+"""Per-block ratios, shared by the in-layer methods (low rank, channel pruning): chosen by
+gradient allocation within the budget and recorded with the cosines they were chosen by, or
+given by the user per block; their settings are refused without their method, without public
+text, or for blocks the emulator does not keep."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 
 from fl_offsite.cli import main
 from fl_offsite.emulators.gradient_scores import allocate
+from fl_offsite.fileio import load_tensors
 
 METHODS = {  # flags, the budget, the ratio a block keeps its gradient at, a lossy one
     "lowrank": (["--compression", "lowrank", "--rank-ratio", "0.25"], 0.25, "0.0625", "0.375"),
@@ -59,6 +61,44 @@ def test_gradient_allocation_from_the_cli_records_its_scores(method, tmp_path, c
     assert main(["evaluate", "--bundle", str(out), "--data", "fl-offsite/pydoc",
                  "--block-size", "32", "--max-examples", "8", "--out",
                  str(tmp_path / "metrics.json")]) == 0
+
+
+GIVEN = {  # flags, the tensor whose first dimension is a block's ratio, that dimension at 1.0
+    "lowrank": (["--compression", "lowrank", "--rank-ratio", "0.25"], "fc1.lowrank_b", 64),
+    "channels": (["--compression", "channels", "--keep-ratio", "0.25", "--importance",
+                  "weights"], "fc1.weight", 256),
+}
+
+
+@pytest.mark.parametrize("method", GIVEN)
+def test_given_block_ratios_set_those_blocks_and_the_rest_keep_the_methods(method, tmp_path):
+    flags, tensor, full = GIVEN[method]
+    out = tmp_path / "bundle"
+    assert main(["emulator", "--model", "fl-offsite/tiny-opt", "--out", str(out),
+                 "--emulator-layers", "4", *flags, "--block-ratios", "2=0.75,5=0.125"]) == 0
+    shipped = load_tensors(out / "emulator.safetensors")
+    rows = {i: shipped[f"{i}.{tensor}"].shape[0] for i in (2, 3, 4, 5)}
+    assert rows == {2: full * 3 // 4, 3: full // 4, 4: full // 4, 5: full // 8}
+    made = json.loads((out / "offsite.json").read_text())["emulator"]["compression"]
+    assert made["ratios"] == {"2": 0.75, "5": 0.125}
+    assert main(["evaluate", "--bundle", str(out), "--data", "fl-offsite/pydoc",
+                 "--block-size", "32", "--max-examples", "8", "--out",
+                 str(tmp_path / "metrics.json")]) == 0
+
+
+@pytest.mark.parametrize("flags, refused", [
+    (["--block-ratios", "1=0.5"], "block_ratios: block(s) [1] are not emulator blocks; "
+                                  "the emulator keeps [2, 3, 4, 5]"),
+    (["--block-ratios", "2=1.5"], "block 2's ratio 1.5 is outside (0, 1]"),
+    (["--block-ratios", "2=0.5", "--allocation", "gradient", "--distill-data",
+      "fl-offsite/pydoc"], "drop block_ratios or use allocation uniform"),
+])
+def test_block_ratios_outside_the_emulator_or_the_range_are_refused(flags, refused, tmp_path,
+                                                                     capsys):
+    assert main(["emulator", "--model", "fl-offsite/tiny-opt", "--out", str(tmp_path / "b"),
+                 "--emulator-layers", "4", "--compression", "lowrank", *flags]) == 2
+    assert refused in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
 
 
 @pytest.mark.parametrize("flags, needs", [

@@ -27,17 +27,26 @@ DISTILL_PLAIN = ("block_size", "kd_weight", "lm_weight", "layer_weight", "margin
                  "margin_weight", "grad_weight")
 LORA_FIELDS = ("lora_r", "lora_alpha", "lora_dropout")
 # the flags of each in-layer compression method (the fields they set), and their defaults
-COMPRESSION_FLAGS = {"lowrank": ("rank_ratio", "allocation"),
-                     "channels": ("keep_ratio", "importance", "allocation")}
+COMPRESSION_FLAGS = {"lowrank": ("rank_ratio", "allocation", "block_ratios"),
+                     "channels": ("keep_ratio", "importance", "allocation", "block_ratios")}
 FLAG_DEFAULTS = {"rank_ratio": LowRankCompression.model_fields["rank_ratio"].default,
                  **{f: ChannelPruning.model_fields[f].default
-                    for f in ("keep_ratio", "importance", "allocation")}}
+                    for f in ("keep_ratio", "importance", "allocation", "block_ratios")}}
 
 
 def existing(path, flag: str):
     if not Path(path).exists():
         raise UserError(f"{flag}: {path} does not exist")
     return path
+
+
+def block_ratios(text: str) -> dict[int, float]:
+    """``--block-ratios 10=0.5,11=0.3``: a ratio per block index."""
+    try:
+        return {int(k): float(v) for k, v in (pair.split("=") for pair in text.split(","))}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give block=ratio pairs, e.g. "
+                                         "10=0.5,11=0.3") from None
 
 
 def family(args) -> dict | None:
@@ -293,6 +302,9 @@ def _add_emulator(sub) -> None:
     add_fields(p, LowRankCompression, ["rank_ratio"])
     add_fields(p, ChannelPruning, ["keep_ratio", "importance"])
     add_fields(p, LowRankCompression, ["allocation"])
+    p.add_argument("--block-ratios", type=block_ratios, default={}, help=(
+        ChannelPruning.model_fields["block_ratios"].description + "; lowrank's rank ratio or "
+        "channels' keep ratio"))
     p.add_argument("--harmonizer-width", type=int, default=None, help="add a trainable "
                    "harmonizer of this bottleneck width after each kept block that stands in "
                    "for dropped ones (ScaleOT-style; trained by --distill-steps; default off; "

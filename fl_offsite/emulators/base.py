@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+
+from ..errors import UserError
 
 
 class Method(BaseModel):
@@ -62,14 +64,20 @@ class Compression(Method):
 
 
 class AllocatedCompression(Compression):
-    """An in-layer method whose per-block ratios ``allocation: gradient`` picks among
-    ``candidates`` within the budget of the ratio field named by ``budget_field``."""
+    """An in-layer method with a ratio per block: the one named by ``budget_field`` everywhere
+    (``allocation: uniform``) except the blocks the user sets in ``block_ratios``, or picked
+    among ``candidates`` within that field's budget (``allocation: gradient``)."""
 
     budget_field: ClassVar[str]
     allocation: Literal["uniform", "gradient"] = Field(
         "uniform", description="uniform: the same ratio in every block; gradient: per-block "
         "ratios chosen by adapter-gradient preservation on the public data")
+    block_ratios: dict[int, float] = Field(
+        {}, description="ratios of single blocks, by the block's index in the full model "
+        "(e.g. 10=0.5,11=0.3), overriding the method's ratio there (uniform allocation)")
     score_batches: int = Field(4, ge=1, description="public batches per measurement")
+
+    _ratios: dict[int, float] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")
     def _budget_reachable(self):
@@ -79,3 +87,30 @@ class AllocatedCompression(Compression):
             raise ValueError(f"{self.budget_field}: {budget} is outside the candidates "
                              f"{sorted(self.candidates)}; widen split.compression.candidates")
         return self
+
+    @model_validator(mode="after")
+    def _block_ratios_valid(self):
+        if self.block_ratios and self.allocation == "gradient":
+            raise ValueError("block_ratios: gradient allocation chooses every block's ratio; "
+                             "drop block_ratios or use allocation uniform")
+        for index, ratio in self.block_ratios.items():
+            if not 0 < ratio <= 1:
+                raise ValueError(f"block_ratios: block {index}'s ratio {ratio} is outside "
+                                 "(0, 1]")
+        return self
+
+    def ratio(self, index: int | None) -> float:
+        """The ratio block ``index`` is compressed at."""
+        return self._ratios.get(index, getattr(self, self.budget_field))
+
+    def given_ratios(self, plan) -> dict:
+        """Take ``block_ratios`` for ``plan``'s emulator (refusing blocks it does not keep);
+        the record's ``ratios`` entry, empty if none were given."""
+        kept = set(plan.emulator)
+        outside = sorted(set(self.block_ratios) - kept)
+        if outside:
+            raise UserError(f"split.compression.block_ratios: block(s) {outside} are not "
+                            f"emulator blocks; the emulator keeps {sorted(kept)}")
+        self._ratios = dict(self.block_ratios)
+        return {"ratios": {str(i): r for i, r in sorted(self._ratios.items())}} \
+            if self._ratios else {}

@@ -4,9 +4,10 @@ important MLP channels, as smaller layers of the same kind (``channels_layers.py
 A channel's importance is its mean |activation| entering the output projection on public
 text times that column's norm (``importance: activations``, Wanda-style), or, with no public
 data, the product of its row and column norms (``importance: weights``). The share kept is
-``keep_ratio`` in every block (``allocation: uniform``), or per block as the parameter budget
-of ``keep_ratio`` is best spent on preserving the adapter's gradient (``allocation:
-gradient``, as the low-rank method does: ``gradient_scores.py``). Blocks without a separate
+``keep_ratio`` in every block (``allocation: uniform``) but those given in ``block_ratios``,
+or per block as the parameter budget of ``keep_ratio`` is best spent on preserving the
+adapter's gradient (``allocation: gradient``, as the low-rank method does:
+``gradient_scores.py``). Blocks without a separate
 MLP input/output pair (fused gate+up layers, MoE experts) are shipped unpruned and listed.
 """
 
@@ -35,7 +36,6 @@ class ChannelPruning(AllocatedCompression):
 
     _width: int | None = PrivateAttr(None)
     _importance: dict = PrivateAttr(default_factory=dict)
-    _ratios: dict[int, float] = PrivateAttr(default_factory=dict)
     _unpruned: set = PrivateAttr(default_factory=set)
 
     @property
@@ -50,7 +50,8 @@ class ChannelPruning(AllocatedCompression):
                                       kept_channels, zeroed_block)
 
         self._width = mlp_width(model.config)
-        record = {"keep_ratio": self.keep_ratio, "importance": self.importance}
+        record = {"keep_ratio": self.keep_ratio, "importance": self.importance,
+                  **self.given_ratios(plan)}
         if not self.needs_public_data:
             return record
         from .distill import emulated_from_full
@@ -99,9 +100,8 @@ class ChannelPruning(AllocatedCompression):
         if not mlp_layers(block, width)[0]:
             self._unpruned.update(k for k, v in state.items() if v.dim() >= 2)
             return dict(state)
-        ratio = self._ratios.get(index, self.keep_ratio)
-        return pruned_block(block, state, width,
-                            kept_channels(self._channel_scores(block, state, index), ratio))
+        return pruned_block(block, state, width, kept_channels(
+            self._channel_scores(block, state, index), self.ratio(index)))
 
     def left_uncompressed(self, state: dict) -> list[str]:
         """The weights of blocks that had no MLP to prune."""

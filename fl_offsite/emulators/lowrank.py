@@ -6,7 +6,7 @@ smaller on the wire, on disk and in memory. A layer whose factors would not be s
 dense (and is listed under ``emulator.uncompressed``).
 
 The rank of a layer is ``ratio * min(out, in)``. With ``allocation: uniform`` every block gets
-``rank_ratio``. With ``allocation: gradient`` (GradOT-style, training-free) the model owner
+``rank_ratio`` (or its own from ``block_ratios``). With ``allocation: gradient`` (GradOT-style, training-free) the model owner
 measures, on public text, the cosine between the adapter's gradient through the emulator and
 through the emulator with one block factorised at each of ``candidates``; a greedy allocation
 then spends the parameter budget of ``rank_ratio`` everywhere where it buys the most gradient
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import Field, PrivateAttr
+from pydantic import Field
 
 from .base import AllocatedCompression
 
@@ -35,7 +35,6 @@ class LowRankCompression(AllocatedCompression):
                                     "gradient allocation chooses among (1: dense)")
 
     own_suffixes: ClassVar[tuple[str, ...]] = FACTORS
-    _ratios: dict[int, float] = PrivateAttr(default_factory=dict)
 
     @property
     def needs_public_data(self) -> bool:
@@ -46,7 +45,7 @@ class LowRankCompression(AllocatedCompression):
 
     def fit(self, model, arch, plan, emulator, public_items, pad_id, log=None) -> dict:
         if self.allocation == "uniform":
-            return {"rank_ratio": self.rank_ratio}
+            return {"rank_ratio": self.rank_ratio, **self.given_ratios(plan)}
         from .gradient_scores import allocate, gradient_scores
         from .lowrank_layers import (linear_layers, approximated_block, as_linear_weight,
                                      factor_cost)
@@ -72,7 +71,7 @@ class LowRankCompression(AllocatedCompression):
 
     def compress_block(self, block, state, index=None):
         from .lowrank_layers import factorize_block
-        return factorize_block(block, state, self._ratios.get(index, self.rank_ratio))
+        return factorize_block(block, state, self.ratio(index))
 
     @classmethod
     def prepare_block(cls, block, state):
