@@ -287,9 +287,9 @@ def test_the_emulator_starts_from_a_recipe_and_the_flags_written_win(tmp_path):
                  "--distill-lr", "1e-4"]) == 0
     info = json.loads((bundle / "offsite.json").read_text())
     made = info["emulator"]
-    # the recipe on 8 blocks: a 2-block bottom adapter, every middle block kept, channels
-    assert info["plan"]["bottom"] == [0, 1] and info["plan"]["top"] == [7]
-    assert info["plan"]["emulator"] == [2, 3, 4, 5, 6]
+    # the recipe on 8 blocks: a 3-block bottom adapter, every middle block kept, channels
+    assert info["plan"]["bottom"] == [0, 1, 2] and info["plan"]["top"] == [7]
+    assert info["plan"]["emulator"] == [3, 4, 5, 6]
     assert made["quantize"] == "channels" and made["compression"]["keep_ratio"] == 0.5
     assert made["distill"]["data"] == "fl-offsite/public-text"
     assert (made["distill"]["steps"], made["distill"]["lr"], made["distill"]["nmse"],
