@@ -7,8 +7,8 @@ data, the product of its row and column norms (``importance: weights``). The sha
 ``keep_ratio`` in every block (``allocation: uniform``) but those given in ``block_ratios``,
 or per block as the parameter budget of ``keep_ratio`` is best spent on preserving the
 adapter's gradient (``allocation: gradient``, as the low-rank method does:
-``gradient_scores.py``). Blocks without a separate
-MLP input/output pair (fused gate+up layers, MoE experts) are shipped unpruned and listed.
+``gradient_scores.py``). Blocks without a separate MLP input/output pair (fused gate+up
+layers, MoE experts) are shipped unpruned and listed.
 """
 
 from __future__ import annotations

@@ -6,11 +6,12 @@ smaller on the wire, on disk and in memory. A layer whose factors would not be s
 dense (and is listed under ``emulator.uncompressed``).
 
 The rank of a layer is ``ratio * min(out, in)``. With ``allocation: uniform`` every block gets
-``rank_ratio`` (or its own from ``block_ratios``). With ``allocation: gradient`` (GradOT-style, training-free) the model owner
-measures, on public text, the cosine between the adapter's gradient through the emulator and
-through the emulator with one block factorised at each of ``candidates``; a greedy allocation
-then spends the parameter budget of ``rank_ratio`` everywhere where it buys the most gradient
-agreement per parameter: blocks the adapter's training is sensitive to keep more rank.
+``rank_ratio`` (or its own from ``block_ratios``). With ``allocation: gradient`` (GradOT-style,
+training-free) the model owner measures, on public text, the cosine between the adapter's
+gradient through the emulator and through the emulator with one block factorised at each of
+``candidates``; a greedy allocation then spends the parameter budget of ``rank_ratio``
+everywhere where it buys the most gradient agreement per parameter: blocks the adapter's
+training is sensitive to keep more rank.
 """
 
 from __future__ import annotations
