@@ -18,10 +18,11 @@ blocks receive the middle's vector-Jacobian product of it. Matching hidden state
 that backward path free to differ (the two halves of the adapter then co-adapt to the emulator
 and plug in worse); matching it costs a second backward through the emulator blocks. With
 ``lm_weight`` 0 the student also stops after its last emulator block (no top blocks, no
-vocabulary-sized head), which is most of a small model's cost. Every ``eval_every`` steps the objective is measured on a held-out split of the public
-data (its ``validation`` split, or the last tenth of its training blocks) and the best
-emulator is kept. The same routine re-aligns an emulator between federated rounds
-(FedBiOT-style), with the current global adapter plugged into both models.
+vocabulary-sized head), which is most of a small model's cost. Every ``eval_every`` steps the
+objective is measured on a held-out split of the public data (its ``validation`` split, or the
+last tenth of its training blocks) and the best emulator is kept. The same routine re-aligns
+an emulator between federated rounds (FedBiOT-style), with the current global adapter plugged
+into both models.
 """
 
 from __future__ import annotations
